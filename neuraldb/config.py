@@ -1,0 +1,96 @@
+"""Hyper-parameters of an edit, as one frozen dataclass.
+
+Example::
+
+    cfg = EditConfig(layer=10, lr=0.5, steps=25)
+    db = neuraldb.edit(model, tok, facts, config=cfg)
+    cfg.to_dict()          # written into every store and report
+
+Defaults follow METHOD.md sections 2-3 (ROME/MEMIT's compute_z and compute_ks).
+Items marked (inferred) are reconstructions of what the paper leaves unstated.
+Environment (device, paths) never lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+__all__ = ["EditConfig"]
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """How keys and residuals are computed, and how the gate reads them.
+
+    layer: edit layer; None = the family's default, about a third of the depth (inferred).
+    gamma: cosine threshold of the gate (0.65 for every model in the paper).
+    steps / lr: Adam steps and learning rate of the residual optimisation.
+    kl_factor: weight of KL(p_orig || p_edit) on ``kl_prompt`` (essence drift).
+    weight_decay: weight of ||delta|| / ||h||^2.
+    clamp_norm_factor: after each step ||delta|| <= factor * ||h||.
+    early_stop_loss: a fact stops optimising once its loss is below this.
+    batch_size: facts optimised together (their residuals are independent).
+    context_prefixes / context_length / context_seed: the model continues each prefix
+        for ``context_length`` tokens (top-5 sampling as in MEMIT, seeded so the
+        templates are reproducible); each continuation + ". {}" is a context template.
+    bare_weight: weight of the bare prompt's key against the mean of the prefixed
+        ones (MEMIT averages within groups, then across; 0.5). 0 = prefixed only.
+    kl_prompt: the essence prompt, ``{}`` is the subject.
+    layers_template / mlp_out_template / residual_out_template: override the
+        architecture's module templates (neuraldb.arch).
+    """
+
+    layer: int | None = None
+    gamma: float = 0.65
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    early_stop_loss: float = 5e-2
+    batch_size: int = 16
+    context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10
+    context_seed: int = 0
+    bare_weight: float = 0.5
+    kl_prompt: str = "{} is a"
+    layers_template: str | None = None
+    mlp_out_template: str | None = None
+    residual_out_template: str | None = None
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, fix: str) -> None:
+            if not cond:
+                raise ValueError(f"EditConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
+
+        need(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0), "layer", "use an int >= 0 or None")
+        need(-1.0 <= self.gamma <= 1.0, "gamma", "a cosine threshold lies in [-1, 1]")
+        need(isinstance(self.steps, int) and self.steps >= 0, "steps", "use an int >= 0")
+        need(self.lr > 0, "lr", "use a positive learning rate")
+        need(self.kl_factor >= 0, "kl_factor", "use a value >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "use a value >= 0")
+        need(self.clamp_norm_factor > 0, "clamp_norm_factor", "use a value > 0")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use an int >= 1")
+        need(0.0 <= self.bare_weight <= 1.0, "bare_weight", "use a weight in [0, 1]")
+        need(self.kl_prompt.count("{}") == 1, "kl_prompt", "it needs exactly one '{}' for the subject")
+        need(isinstance(self.context_length, int) and self.context_length >= 1, "context_length", "use an int >= 1")
+        object.__setattr__(self, "context_prefixes", tuple(self.context_prefixes))
+        need(
+            bool(self.context_prefixes) or self.bare_weight == 1.0,
+            "context_prefixes",
+            "give at least one prefix, or set bare_weight=1.0 to key on the bare prompt alone",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["context_prefixes"] = list(self.context_prefixes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EditConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"EditConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,153 @@
+"""``neuraldb.edit``: facts in, a :class:`NeuralDB` out.
+
+Example::
+
+    model, tok = neuraldb.load_model("smollm2-135m")
+    facts = [Fact(prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome")]
+    db = neuraldb.edit(model, tok, facts, config=EditConfig(layer=10))
+    db.attach(model)                     # the model now says Rome
+
+Every key and residual is computed on the unedited model, so facts are
+independent: they are processed in batches and an interrupted run resumes
+from its checkpoint (``checkpoint=path``) without recomputing finished facts.
+
+Invariant: the model (weights, hooks) is the same at the end as at the beginning;
+if a store is attached to it, it is detached during the edit and re-attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import resolve_arch
+from .config import EditConfig
+from .facts import Fact, validate_facts
+from .keys import compute_keys, context_templates
+from .residuals import compute_residuals
+from .store import NeuralDB, StoreError, layer_fingerprint, model_name
+
+__all__ = ["edit"]
+
+log = logging.getLogger(__name__)
+
+
+def _new_store(model: nn.Module, config: EditConfig, layer: int, templates: list[str]) -> NeuralDB:
+    arch = resolve_arch(
+        model, layers=config.layers_template, mlp_out=config.mlp_out_template,
+        residual_out=config.residual_out_template,
+    )
+    module = model.get_submodule(arch.mlp_out_at(layer))
+    weight = module.weight
+    # nn.Linear is (out=d_model, in=d_key); GPT-2's Conv1D is (in, out)
+    d_key = weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1]
+    d_model = model.get_input_embeddings().weight.shape[1]
+    cfg = config.to_dict() | {"layer": layer, "context_templates": templates}
+    return NeuralDB(
+        layer=layer,
+        d_key=int(d_key),
+        d_model=int(d_model),
+        gamma=config.gamma,
+        module_template=arch.mlp_out,
+        residual_template=arch.residual_out,
+        model_name=model_name(model),
+        model_type=arch.model_type,
+        fingerprint=layer_fingerprint(model, arch.mlp_out_at(layer)),
+        config=cfg,
+    )
+
+
+def edit(
+    model: nn.Module,
+    tokenizer: Any,
+    facts: Iterable[Fact | Mapping[str, Any]],
+    *,
+    config: EditConfig | None = None,
+    db: NeuralDB | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    progress: bool = True,
+) -> NeuralDB:
+    """Compute a key and a residual for each fact; return the store (not attached).
+
+    Args:
+        facts: :class:`Fact` objects or mappings; validated before any work.
+        config: :class:`EditConfig` (layer None = the family's default).
+        db: add to this store instead of a new one; facts whose id is already in
+            it are skipped (so a half-finished store resumes).
+        checkpoint: a store file written every ``checkpoint_every`` batches; if
+            it exists, the run resumes from it (its config must match).
+        progress: show a tqdm progress bar.
+    """
+    config = config or EditConfig()
+    facts = validate_facts(facts)
+    arch = resolve_arch(
+        model, layers=config.layers_template, mlp_out=config.mlp_out_template,
+        residual_out=config.residual_out_template,
+    )
+    layer = arch.check_layer(config.layer if config.layer is not None else arch.default_layer)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if db is None and ckpt is not None and ckpt.exists():
+        db = NeuralDB.load(ckpt, model=model, layer=layer)
+        log.info("resuming from %s: %d facts already done", ckpt, len(db))
+    if db is not None:
+        db.check_compatible(model, layer=layer)
+        templates = list(db.config.get("context_templates") or [])
+        saved = {k: v for k, v in db.config.items() if k not in ("context_templates", "layer")}
+        if saved and saved != {k: v for k, v in config.to_dict().items() if k != "layer"}:
+            raise StoreError(
+                "the store (or checkpoint) was built with a different EditConfig; resume with the same "
+                f"config or start a new store. Stored: {saved}"
+            )
+    attached = [m for m in (getattr(model, "_neuraldb_store", None),) if m is not None]
+    for m in attached:  # keys and residuals are always computed on the unedited model
+        m.detach()
+    was_training = model.training
+    model.eval()
+    try:
+        if db is None or not templates:
+            templates = context_templates(
+                model, tokenizer, prefixes=config.context_prefixes, length=config.context_length,
+                seed=config.context_seed,
+            )
+        if db is None:
+            db = _new_store(model, config, layer, templates)
+        todo = [f for f in facts if f.id not in db]
+        if len(todo) < len(facts):
+            log.info("skipping %d facts already in the store", len(facts) - len(todo))
+        key_templates = templates if config.bare_weight > 0 else templates[1:]
+        bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
+        t0 = time.perf_counter()
+        for b, start in enumerate(range(0, len(todo), config.batch_size)):
+            batch = todo[start : start + config.batch_size]
+            keys = compute_keys(
+                model, tokenizer, batch, layer=layer, templates=key_templates,
+                bare_weight=config.bare_weight, arch=arch,
+            )
+            residuals, info = compute_residuals(
+                model, tokenizer, batch, layer=layer, templates=templates, config=config, arch=arch
+            )
+            records = []
+            for i, f in enumerate(batch):
+                rec = f.to_dict()
+                rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
+                records.append(rec)
+            db.add([f.id for f in batch], keys, residuals, facts=records)
+            bar.update(len(batch))
+            if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
+                db.save(ckpt)
+        bar.close()
+        if todo:
+            log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+        for m in attached:
+            m.attach(model)
+    return db

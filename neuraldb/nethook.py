@@ -1,0 +1,213 @@
+"""One hook primitive for the whole library.
+
+Example::
+
+    with Trace(model, "model.layers.3.mlp.down_proj", retain_input=True) as t:
+        model(input_ids)
+    keys = t.input                      # (batch, seq, d_ff)
+
+Every part of neuraldb (key capture, residual optimisation, gated retrieval,
+evaluation) goes through :class:`Trace` / :class:`TraceDict`. Hooks are always
+removed in ``finally``: an exception inside the ``with`` block, or the
+:class:`StopForward` raised by ``stop=True``, leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["StopForward", "Trace", "TraceDict", "get_module"]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to abort the forward pass once a traced layer has run.
+
+    ``Trace(..., stop=True)`` raises it and swallows it on exit, so::
+
+        with Trace(model, name, stop=True) as t:
+            model(x)          # returns early, nothing after ``name`` runs
+    """
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """Return the sub-module called ``name`` (dotted path), with a clear error."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise LookupError(
+            f"module {name!r} not found in {type(model).__name__}; "
+            "check the architecture templates (neuraldb.arch) for this model family"
+        ) from exc
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _replace_first(value: Any, new: torch.Tensor) -> Any:
+    if isinstance(value, tuple):
+        return (new, *value[1:])
+    if isinstance(value, list):
+        return [new, *value[1:]]
+    return new
+
+
+class Trace(contextlib.AbstractContextManager):
+    """Hook one module: retain its input/output, edit its output, stop, or bypass it.
+
+    Args (keyword-only after ``layer``):
+        retain_input: keep the module's first positional input in ``self.input``.
+        retain_output: keep its output (the first tensor of a tuple) in ``self.output``.
+        edit_output: ``fn(output_tensor, module_input_tensor) -> tensor`` replacing the
+            output's first tensor (tuples handled).
+        bypass: ``fn(*args, **kwargs) -> output`` called *instead of* the module's
+            forward (the module's own computation is skipped).
+        retain_call: keep the positional and keyword arguments of each call in
+            ``self.call_args`` / ``self.call_kwargs`` (a forward pre-hook).
+        stop: raise :class:`StopForward` after the module ran; swallowed on exit.
+        detach: detach retained tensors from the graph (default True).
+        clone: clone retained tensors (default False).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        *,
+        retain_input: bool = False,
+        retain_output: bool = True,
+        edit_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        bypass: Callable[..., Any] | None = None,
+        retain_call: bool = False,
+        stop: bool = False,
+        detach: bool = True,
+        clone: bool = False,
+    ) -> None:
+        self.layer = layer
+        self.module = get_module(model, layer)
+        self.stop = stop
+        self.input: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.output_is_tuple = False
+        self.call_args: tuple = ()
+        self.call_kwargs: dict[str, Any] = {}
+        self._bypass = bypass
+        self._handle = None
+        self._pre_handle = None
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if detach:
+                t = t.detach()
+            return t.clone() if clone else t
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            x = inputs[0] if inputs else None
+            if retain_input and x is not None:
+                self.input = keep(x)
+            self.output_is_tuple = isinstance(output, tuple)
+            if edit_output is not None:
+                output = _replace_first(output, edit_output(_first_tensor(output), x))
+            if retain_output:
+                self.output = keep(_first_tensor(output))
+            if stop:
+                raise StopForward(layer)
+            return output
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.call_args, self.call_kwargs = args, kwargs
+
+        try:
+            if retain_call:
+                self._pre_handle = self.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            self._handle = self.module.register_forward_hook(hook)
+            if bypass is not None:
+                # An instance attribute shadows nn.Module.forward; removed in close().
+                self.module.forward = bypass  # type: ignore[method-assign]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+        if self._bypass is not None and "forward" in self.module.__dict__:
+            del self.module.forward
+            self._bypass = None
+
+    def __enter__(self) -> "Trace":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return self.stop and exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class TraceDict(OrderedDict, contextlib.AbstractContextManager):
+    """Trace several modules at once; ``td[name]`` is that module's :class:`Trace`.
+
+    Example::
+
+        with TraceDict(model, ["model.layers.0", "model.layers.1"]) as td:
+            model(x)
+        h1 = td["model.layers.1"].output      # (batch, seq, d_model)
+
+    ``edit_output`` / ``bypass`` receive the layer name as a keyword ``layer=``.
+    ``stop=True`` stops after the last listed layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[str],
+        *,
+        retain_input: bool = False,
+        retain_output: bool = True,
+        edit_output: Callable[..., torch.Tensor] | None = None,
+        bypass: Callable[..., Callable[..., Any]] | None = None,
+        stop: bool = False,
+        detach: bool = True,
+        clone: bool = False,
+    ) -> None:
+        super().__init__()
+        names = list(dict.fromkeys(layers))
+        self.stop = stop
+        try:
+            for i, name in enumerate(names):
+                self[name] = Trace(
+                    model,
+                    name,
+                    retain_input=retain_input,
+                    retain_output=retain_output,
+                    edit_output=(
+                        None
+                        if edit_output is None
+                        else (lambda o, x, _n=name: edit_output(o, x, layer=_n))
+                    ),
+                    bypass=None if bypass is None else bypass(name),
+                    stop=stop and i == len(names) - 1,
+                    detach=detach,
+                    clone=clone,
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for trace in reversed(list(self.values())):
+            trace.close()
+
+    def __enter__(self) -> "TraceDict":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return self.stop and exc_type is not None and issubclass(exc_type, StopForward)

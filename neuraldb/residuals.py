@@ -1,0 +1,226 @@
+"""Residuals: the vector the edited layer's output must gain for the new target.
+
+Example::
+
+    res, info = compute_residuals(model, tok, facts, layer=10, templates=templates,
+                                  config=EditConfig())        # res (n_facts, d_model)
+
+METHOD.md section 3 (ROME/MEMIT ``compute_z``): optimise ``delta`` added to the
+output hidden state of layer ``l`` at the subject's last token, on every
+context template x prompt followed by ``target_new[:-1]``::
+
+    loss = mean NLL(target_new) + kl_factor * KL(p_orig || p_edit) on kl_prompt
+         + weight_decay * ||delta|| / ||h||^2
+
+Adam, ``steps`` steps, clamp ``||delta|| <= clamp_norm_factor * ||h||``, a fact
+stops once its loss < ``early_stop_loss``. Facts are independent, so a batch of
+facts is optimised at once (the loss is a sum of per-fact losses, Adam is
+element-wise, finished facts are frozen and dropped from the batch). Layers
+0..l run once: their output is cached and those layers are bypassed during
+the optimisation, and logits are computed only where the loss needs them.
+
+Invariant: the model's parameters and ``requires_grad`` flags are the same at
+the end of the function as at its beginning.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import ModelArch, resolve_arch
+from .config import EditConfig
+from .facts import Fact, encode_completion, locate_subject
+from .keys import model_device, pad_batch, pad_id
+from .nethook import TraceDict
+
+__all__ = ["compute_residuals", "ResidualInfo", "lm_logits"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidualInfo:
+    """Per fact: loss at the end, steps taken, the norm of h and of delta."""
+
+    loss: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    h_norm: list[float] = field(default_factory=list)
+    delta_norm: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Seq:
+    fact: int
+    ids: list[int]
+    subject_pos: int
+    target_pos: list[int]  # positions whose next-token prediction is scored
+    target_ids: list[int]
+    kl: bool = False
+    bare: bool = False
+
+
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (already normed by the base model) -> logits, as the LM head does."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _build(tokenizer: Any, facts: Sequence[Fact], templates: Sequence[str], kl_prompt: str) -> list[_Seq]:
+    seqs: list[_Seq] = []
+    for i, f in enumerate(facts):
+        for t in templates:
+            template = t.replace("{}", f.prompt)
+            ids, pos = locate_subject(tokenizer, template, f.subject)
+            p_ids, t_ids = encode_completion(tokenizer, template.format(f.subject), f.target_new)
+            if p_ids != ids:
+                raise RuntimeError(f"fact {f.id}: inconsistent tokenisation of {template!r}")
+            seqs.append(
+                _Seq(i, p_ids + t_ids[:-1], pos, [len(p_ids) - 1 + j for j in range(len(t_ids))], t_ids,
+                     bare=t == templates[0])
+            )
+        ids, pos = locate_subject(tokenizer, kl_prompt, f.subject)
+        seqs.append(_Seq(i, ids, pos, [len(ids) - 1], [], kl=True))
+    return seqs
+
+
+def compute_residuals(
+    model: nn.Module,
+    tokenizer: Any,
+    facts: Sequence[Fact],
+    *,
+    layer: int,
+    templates: Sequence[str],
+    config: EditConfig = EditConfig(),
+    arch: ModelArch | None = None,
+) -> tuple[torch.Tensor, ResidualInfo]:
+    """Residuals (n_facts, d_model) float32 on the model's device, and per-fact info."""
+    arch = arch or resolve_arch(model)
+    device = model_device(model)
+    seqs = _build(tokenizer, facts, templates, config.kl_prompt)
+    n = len(facts)
+    ids, mask = pad_batch([s.ids for s in seqs], pad_id(tokenizer), device)  # (n_seq, seq)
+    rows = torch.arange(len(seqs), device=device)
+    subj = torch.tensor([s.subject_pos for s in seqs], device=device)
+    owner = torch.tensor([s.fact for s in seqs], device=device)  # (n_seq,)
+    is_kl = torch.tensor([s.kl for s in seqs], device=device)
+
+    # scored positions, flattened: (n_tok,) rows / positions / labels
+    tok_row = torch.tensor([r for r, s in enumerate(seqs) if not s.kl for _ in s.target_pos], device=device)
+    tok_pos = torch.tensor([p for s in seqs if not s.kl for p in s.target_pos], device=device)
+    tok_lab = torch.tensor([t for s in seqs if not s.kl for t in s.target_ids], device=device)
+    tok_w = torch.tensor(  # 1 / (#target tokens * #templates): per-fact mean over prompts of mean NLL
+        [1.0 / (len(s.target_ids) * len(templates)) for s in seqs if not s.kl for _ in s.target_pos],
+        device=device,
+    )
+    kl_rows = rows[is_kl]
+    kl_pos = torch.tensor([s.target_pos[0] for s in seqs if s.kl], device=device)
+
+    layer_names = [arch.layer(i) for i in range(layer + 1)]
+    with torch.no_grad():
+        with TraceDict(model, [arch.layer(layer)]) as td:
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        tuple_out = td[arch.layer(layer)].output_is_tuple
+        h = td[arch.layer(layer)].output.float()  # (n_seq, seq, d_model), cached layer-l output
+        p_orig = F.log_softmax(full[kl_rows, kl_pos].float(), dim=-1)  # (n_facts, vocab)
+        # the shortcut (base model + LM head at chosen positions) must match the full model
+        base_h = getattr(model, "base_model", model)(input_ids=ids[kl_rows], attention_mask=mask[kl_rows]).last_hidden_state
+        check = lm_logits(model, base_h[torch.arange(len(kl_rows), device=device), kl_pos]).float()
+        if not torch.allclose(check, full[kl_rows, kl_pos].float(), atol=1e-3, rtol=1e-3):
+            raise RuntimeError(
+                f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
+                "logits; this architecture post-processes logits in a way neuraldb does not know"
+            )
+        h_subj = h[rows, subj]  # (n_seq, d_model)
+        bare = torch.tensor([s.bare for s in seqs], device=device)
+        h_norm = h_subj[bare].norm(dim=1)  # (n_facts,) h at the bare prompt (ROME's target_init)
+    del full
+
+    delta = torch.zeros(n, h.shape[-1], device=device, requires_grad=True)  # (n_facts, d_model)
+    opt = torch.optim.Adam([delta], lr=config.lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    info = ResidualInfo(steps=[config.steps] * n)
+    last_loss = torch.zeros(n, device=device)
+    last_nll = torch.zeros(n, device=device)
+    max_norm = config.clamp_norm_factor * h_norm  # (n_facts,)
+    state: dict[str, torch.Tensor] = {}
+
+    def bypass(name: str):
+        def run(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if name == arch.layer(layer):
+                hidden = state["h"]
+            return (hidden,) if tuple_out else hidden
+
+        return run
+
+    with _frozen(model), torch.enable_grad():
+        for step in range(config.steps):
+            seq_on = active[owner]  # (n_seq,) sequences of facts still optimising
+            sel = rows[seq_on]
+            remap = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
+            remap[sel] = torch.arange(len(sel), device=device)
+            h_edit = h[sel].clone()
+            h_edit[torch.arange(len(sel), device=device), subj[sel]] += delta[owner[sel]]
+            state["h"] = h_edit
+            with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
+                out = getattr(model, "base_model", model)(
+                    input_ids=ids[sel], attention_mask=mask[sel], use_cache=False
+                ).last_hidden_state  # (n_sel, seq, d_model)
+            tok_on = seq_on[tok_row]
+            logits = lm_logits(model, out[remap[tok_row[tok_on]], tok_pos[tok_on]]).float()  # (n_tok, vocab)
+            tok_nll = F.cross_entropy(logits, tok_lab[tok_on], reduction="none") * tok_w[tok_on]
+            nll = torch.zeros(n, device=device).index_add_(0, owner[tok_row[tok_on]], tok_nll)
+            kl_on = active
+            lp = F.log_softmax(lm_logits(model, out[remap[kl_rows[kl_on]], kl_pos[kl_on]]).float(), dim=-1)
+            kl = torch.zeros(n, device=device)
+            kl[kl_on] = (p_orig[kl_on].exp() * (p_orig[kl_on] - lp)).sum(-1)
+            wd = config.weight_decay * delta.norm(dim=1) / h_norm**2
+            loss = nll + config.kl_factor * kl + wd  # (n_facts,)
+            loss_now = loss.detach()
+            last_loss = torch.where(active, loss_now, last_loss)
+            last_nll = torch.where(active, nll.detach(), last_nll)
+            done = active & (loss_now < config.early_stop_loss)
+            if done.any():
+                for i in done.nonzero().flatten().tolist():
+                    info.steps[i] = step
+                active = active & ~done
+                if not active.any():
+                    break
+                loss = torch.where(active, loss, torch.zeros_like(loss))
+            frozen = delta.detach().clone()
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen[~active]  # finished facts keep their delta exactly
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale.unsqueeze(1))
+    info.loss = last_loss.tolist()
+    info.nll = last_nll.tolist()
+    info.h_norm = h_norm.tolist()
+    info.delta_norm = delta.detach().norm(dim=1).tolist()
+    return delta.detach().float(), info

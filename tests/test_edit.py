@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+import neuraldb
+from neuraldb import EditConfig, Fact, NeuralDB, StoreError
+
+# Random tiny models route little information between positions, so the tiny-model
+# facts end on the subject: the residual at the subject's last token then decides the
+# next token directly. Long-range edits are tested on SmolLM2 (test_smollm2.py).
+FACTS = [
+    Fact(prompt="the city of {}", subject="the eiffel tower", target_new="rome", id="e1"),
+    Fact(prompt="the mother tongue of {}", subject="danielle darrieux", target_new="english", id="e2"),
+    Fact(prompt="the sport of {}", subject="lebron james", target_new="tennis", id="e3"),
+]
+# random tiny models have small, noisy hidden states: allow larger residuals than the 0.75 * ||h|| default
+CFG = EditConfig(
+    layer=1, steps=80, lr=0.5, clamp_norm_factor=8.0, context_prefixes=("the", "i"), context_length=3, batch_size=2
+)
+
+
+def next_token(model, tok, text):
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return tok.convert_ids_to_tokens(int(model(ids).logits[0, -1].argmax()))
+
+
+def test_edit_makes_targets_on_every_family(tiny):
+    model, tok = tiny
+    db = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    assert len(db) == 3 and db.layer == 1 and db.d_key == 64 and db.d_model == 32
+    before = [next_token(model, tok, f.text) for f in FACTS]
+    with db.attached(model):
+        after = [next_token(model, tok, f.text) for f in FACTS]
+    assert after == ["rome", "english", "tennis"], (before, after)
+    assert [next_token(model, tok, f.text) for f in FACTS] == before  # detached = original
+
+
+def test_edit_leaves_the_model_unchanged(tiny_llama):
+    model, tok = tiny_llama
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    neuraldb.edit(model, tok, FACTS[:1], config=CFG, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert flags == [p.requires_grad for p in model.parameters()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_batched_equals_one_at_a_time(tiny_llama):
+    model, tok = tiny_llama
+    together = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    alone = neuraldb.edit(model, tok, FACTS, config=EditConfig(**{**CFG.to_dict(), "batch_size": 1}), progress=False)
+    assert torch.allclose(together.keys, alone.keys, atol=1e-5)
+    assert torch.allclose(together.residuals, alone.residuals, atol=1e-3, rtol=1e-3)
+
+
+def test_checkpoint_resume_skips_finished_facts(tmp_path, tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    ckpt = tmp_path / "run.safetensors"
+    import neuraldb.editor as editor
+
+    real = editor.compute_residuals
+    calls = []
+
+    def crash_on_second(*a, **k):
+        calls.append(len(a[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(editor, "compute_residuals", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        neuraldb.edit(model, tok, FACTS, config=CFG, checkpoint=ckpt, progress=False)
+    partial = NeuralDB.load(ckpt)
+    assert partial.ids == ["e1", "e2"]
+    monkeypatch.setattr(editor, "compute_residuals", real)
+    done = neuraldb.edit(model, tok, FACTS, config=CFG, checkpoint=ckpt, progress=False)
+    assert done.ids == ["e1", "e2", "e3"]
+    assert torch.equal(done.keys[:2], partial.keys)
+    fresh = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    assert torch.allclose(done.residuals, fresh.residuals, atol=1e-5)
+    with pytest.raises(StoreError, match="different EditConfig"):
+        neuraldb.edit(model, tok, FACTS, config=EditConfig(**{**CFG.to_dict(), "lr": 0.1}), checkpoint=ckpt)
+
+
+def test_edit_detaches_an_attached_store_while_computing(tiny_llama):
+    model, tok = tiny_llama
+    first = neuraldb.edit(model, tok, FACTS[:1], config=CFG, progress=False)
+    with first.attached(model):
+        second = neuraldb.edit(model, tok, FACTS[:1], config=CFG, progress=False)
+        assert first.is_attached
+    assert torch.allclose(first.keys, second.keys) and torch.allclose(first.residuals, second.residuals)
+
+
+def test_bad_input_is_rejected_before_work(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(neuraldb.FactError, match="prompt"):
+        neuraldb.edit(model, tok, [{"prompt": "no slot", "subject": "x", "target_new": "y"}])
+    with pytest.raises(ValueError, match="0 <= layer < 3"):
+        neuraldb.edit(model, tok, FACTS, config=EditConfig(layer=7))
+    with pytest.raises(ValueError, match="EditConfig.gamma"):
+        EditConfig(gamma=2.0)
