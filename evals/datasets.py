@@ -3,7 +3,7 @@
 Example::
 
     cases = load_counterfact(limit=100)           # $NEURALDB_DATA_DIR, else ROME's public file
-    cases.report.summary()                        # 'counterfact (rome) ...: 100 of 100 records loaded'
+    cases.report.summary()                        # '.../counterfact.json (rome): 100 of 100 records loaded'
     cases = load_zsre("zsre_mend_eval.json", skip_invalid=True)
     [c.fact for c in cases]                       # neuraldb.Fact objects, ready to edit
 
@@ -18,7 +18,8 @@ Where the data comes from (first that applies):
      found, so the table pins the size where it is known (counterfact.json: 45,108,470 bytes,
      from the data notes) and verifies ``sha256=`` when you pass it; otherwise the sha256 seen at
      the first download is recorded beside the file (``<file>.sha256``) and checked on every
-     later load (trust on first use). A mismatch is a :class:`DatasetError` and no file is kept.
+     later load (trust on first use). A mismatch while downloading is a :class:`DatasetError`
+     and nothing is kept; a cached file that no longer matches is an error that says to delete it.
 
 Record formats: CounterFact in ROME's schema (``requested_rewrite``...) or the MEND/EasyEdit
 schema (``prompt`` with the subject filled in, ``ground_truth``, ``rephrase_prompt``...),
@@ -444,13 +445,14 @@ def parse_counterfact(records: Sequence[Any], *, source: str = "<records>", form
 
 
 def parse_zsre(records: Sequence[Any], *, source: str = "<records>", skip_invalid: bool = False,
-               target: str = "alt", loc_suffix: str = "?", index_offset: int = 0) -> EvalCases:
+               target: str = "answers", loc_suffix: str = "?", index_offset: int = 0) -> EvalCases:
     """zsRE MEND records to :class:`EvalCases`.
 
-    ``target="alt"`` edits to ``alt`` (EasyEdit's convention) with ``target_true=answers[0]``;
-    ``target="answers"`` edits to ``answers[0]`` as ROME/MEMIT/AlphaEdit's ``MENDQADataset`` does
-    (their zsRE numbers, e.g. the pre-edit rows, come from that choice). ``loc_suffix="?"``
-    follows the same code, which appends '?' to the NQ question.
+    ``target="answers"`` (the default) edits to ``answers[0]`` as ROME/MEMIT/AlphaEdit's
+    ``MENDQADataset`` does: that is the published protocol, and the pre-edit rows the NeuralDB
+    paper reports come from it (``target_true`` is then None). ``target="alt"`` edits to ``alt``
+    (EasyEdit's convention) with ``target_true=answers[0]``. ``loc_suffix="?"`` follows the same
+    code, which appends '?' to the NQ question.
     """
     if target not in ("alt", "answers"):
         raise DatasetError(f"unknown zsRE target {target!r}; choose 'alt' or 'answers'")
@@ -480,9 +482,13 @@ def load_counterfact(source: str | os.PathLike | None = None, *, data_dir: str |
 
 def load_zsre(source: str | os.PathLike | None = None, *, data_dir: str | os.PathLike | None = None,
               split: str = "eval", limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
-              target: str = "alt", loc_suffix: str = "?", sha256: str | None = None,
+              target: str = "answers", loc_suffix: str = "?", sha256: str | None = None,
               cache_dir: str | os.PathLike | None = None) -> EvalCases:
-    """Load zsRE (MEND schema) as :class:`EvalCases`; ``case_id`` is the record index in the file."""
+    """Load zsRE (MEND schema) as :class:`EvalCases`; ``case_id`` is the record index in the file.
+
+    ``target``: ``"answers"`` (default: edit to ``answers[0]``, the ROME/MEMIT/AlphaEdit protocol)
+    or ``"alt"`` (EasyEdit's); see :func:`parse_zsre`.
+    """
     path = resolve_source("zsre", source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir)
     records = _window(_read_records(path), offset, limit)
     return parse_zsre(records, source=str(path), skip_invalid=skip_invalid, target=target,

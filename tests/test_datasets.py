@@ -103,7 +103,9 @@ def test_counterfact_format_forced_and_undetectable(tmp_path):
 
 
 def test_zsre_format(tmp_path):
-    cases = load_zsre(write(tmp_path / "z.json", ZSRE))
+    default = load_zsre(write(tmp_path / "z.json", ZSRE))  # ROME/MEMIT/AlphaEdit: edit to answers[0]
+    assert [(c.fact.target_new, c.fact.target_true) for c in default] == [("uniform", None), ("1987", None)]
+    cases = load_zsre(tmp_path / "z.json", target="alt")
     c = cases[0]
     assert (c.case_id, c.kind) == (0, "zsre")
     assert c.fact.prompt == "What is the product made by {}?" and c.fact.text == ZSRE[0]["src"]
@@ -157,7 +159,8 @@ def broken_rome():
     (load_counterfact, [MEND_CF[0], {**MEND_CF[1], "case_id": "4"}], "case_id", "must be an integer"),
     (load_counterfact, [ROME[0], {**ROME[1], "paraphrase_prompts": "one string"}], "paraphrase_prompts", "list"),
     (load_zsre, [ZSRE[0], {**ZSRE[1], "subject": "KFC"}], "src", "does not contain the subject 'KFC'"),
-    (load_zsre, [ZSRE[0], {**ZSRE[1], "alt": ""}], "alt", "is empty"),
+    (functools.partial(load_zsre, target="alt"), [ZSRE[0], {**ZSRE[1], "alt": ""}], "alt", "is empty"),
+    (load_zsre, [ZSRE[0], {**ZSRE[1], "answers": []}], "answers", "is empty but target='answers'"),
     (load_zsre, [ZSRE[0], {**ZSRE[1], "answers": "1987"}], "answers", "list of strings"),
     (load_zsre, [ZSRE[0], ["not", "an", "object"]], "(record)", "not a JSON object"),
 ])
@@ -181,7 +184,7 @@ def test_template_with_braces_is_rejected():
 def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     records = [ZSRE[0], {**ZSRE[1], "alt": ""}, {**ZSRE[0], "subject": "Nobody"}, ZSRE[1], {"src": "x"}]
     with caplog.at_level(logging.WARNING, logger="evals.datasets"):
-        cases = load_zsre(write(tmp_path / "z.json", records), skip_invalid=True)
+        cases = load_zsre(write(tmp_path / "z.json", records), skip_invalid=True, target="alt")
     assert [c.case_id for c in cases] == [0, 3]
     report = cases.report
     assert (report.records, report.loaded, len(report.skipped)) == (5, 2, 3)
@@ -329,7 +332,7 @@ def test_shared_data_loads(monkeypatch):
     assert len(load_counterfact(split="train")) == 10000
     assert len(load_zsre()) == 19
     with pytest.raises(DatasetError, match="'alt' is empty"):
-        load_zsre(split="train")
-    train = load_zsre(split="train", skip_invalid=True)
+        load_zsre(split="train", target="alt")
+    train = load_zsre(split="train", skip_invalid=True, target="alt")
     assert (len(train), len(train.report.skipped)) == (998, 2)
-    assert len(load_zsre(split="train", target="answers")) == 1000
+    assert len(load_zsre(split="train")) == 1000  # default target="answers"

@@ -1,0 +1,491 @@
+"""Evaluation reports: the statistics behind them, JSON and Markdown rendering, comparison.
+
+Example::
+
+    from evals import report
+    report.mean_ci([0.5, 1.0, 0.75], confidence=0.95)       # Student t interval of a mean
+    report.proportion_ci(17, 20, confidence=0.95)           # Wilson score interval
+    report.write_report(rep, "reports/cf")                   # report.json + report.md, atomically
+    print(report.render_markdown(rep))
+    print(report.render_comparison(report.compare_reports(a, b)))
+
+Statistics (all from scipy, computed on per-case values):
+
+* a metric where every case contributes ONE yes/no outcome (CounterFact's efficacy: one edit
+  prompt per case) is a proportion: Wilson score interval (``scipy.stats.binomtest(...)
+  .proportion_ci(method="wilson")``); pre vs post is the exact McNemar test (a two-sided
+  binomial test on the discordant pairs);
+* every other metric (means over several prompts or tokens per case, magnitudes, fluency) is
+  a mean of per-case values: Student t interval (``scipy.stats.t.interval`` with the standard
+  error ``sd / sqrt(n)``, ``ddof=1``); pre vs post is the paired t-test
+  (``scipy.stats.ttest_rel``);
+* the difference post - pre always gets the t interval of the per-case differences.
+
+Cases without a value (e.g. no paraphrase) are left out; paired statistics use the cases
+that have both values. Everything returned is JSON-serialisable (NaN/inf become None).
+
+Rendering is a set of small functions, each taking the report dict and returning a Markdown
+block (``render_metrics``, ``render_gate``, ``render_general``, ...); ``render_markdown``
+joins them. Add a section by writing one more function and listing it in ``SECTIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+__all__ = [
+    "SECTIONS", "clean_json", "compare_reports", "format_value", "load_report", "mean_ci", "paired_test",
+    "proportion_ci", "render_comparison", "render_config", "render_data", "render_gate", "render_general",
+    "render_header", "render_markdown", "render_metrics", "render_samples", "render_text", "render_timings",
+    "summarize_metric", "write_json", "write_report",
+]
+
+T_METHOD = "Student t interval of the mean of per-case values"
+WILSON_METHOD = "Wilson score interval (one yes/no outcome per case)"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> dict[str, Any]:
+    """Mean, sample sd and the Student t interval of the mean (None below 2 values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci": None, "method": "t"}
+    mean = fmean(values)
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci": None, "method": "t"}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        ci = [mean, mean]
+    else:
+        lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
+        ci = [float(lo), float(hi)]
+    return {"n": n, "mean": mean, "sd": sd, "ci": ci, "method": "t"}
+
+
+def proportion_ci(successes: int, n: int, *, confidence: float = 0.95) -> dict[str, Any]:
+    """``successes / n`` with its Wilson score interval (None when n = 0)."""
+    from scipy import stats
+
+    if n == 0:
+        return {"n": 0, "successes": 0, "mean": None, "ci": None, "method": "wilson"}
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return {"n": int(n), "successes": int(successes), "mean": successes / n,
+            "ci": [float(ci.low), float(ci.high)], "method": "wilson"}
+
+
+def paired_test(pre: Sequence[float], post: Sequence[float], *, kind: str) -> dict[str, Any]:
+    """Two-sided paired test of post vs pre: exact McNemar for ``kind="proportion"``, paired t otherwise."""
+    from scipy import stats
+
+    if len(pre) != len(post):
+        raise ValueError(f"paired test needs equal lengths, got {len(pre)} and {len(post)}")
+    n = len(pre)
+    if kind == "proportion":
+        gained = sum(1 for a, b in zip(pre, post) if b > a)  # 0 -> 1
+        lost = sum(1 for a, b in zip(pre, post) if b < a)  # 1 -> 0
+        p = stats.binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+        return {"name": "exact McNemar (binomial test on discordant pairs)", "n": n, "gained": gained,
+                "lost": lost, "statistic": None, "p_value": _finite(p)}
+    if n < 2:
+        return {"name": "paired t-test", "n": n, "statistic": None, "p_value": None}
+    diffs = [b - a for a, b in zip(pre, post)]
+    if all(d == diffs[0] for d in diffs):  # zero variance: t is 0/0 or +-inf
+        return {"name": "paired t-test", "n": n, "statistic": None, "p_value": 1.0 if diffs[0] == 0 else 0.0,
+                "note": "all per-case differences are equal"}
+    res = stats.ttest_rel(post, pre)
+    return {"name": "paired t-test", "n": n, "statistic": _finite(res.statistic), "p_value": _finite(res.pvalue)}
+
+
+def _scaled(summary: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    out = dict(summary)
+    for key in ("mean", "sd"):
+        if out.get(key) is not None:
+            out[key] = out[key] * scale
+    if out.get("ci") is not None:
+        out["ci"] = [c * scale for c in out["ci"]]
+    return out
+
+
+def summarize_metric(pre: Sequence[float | None], post: Sequence[float | None], *, kind: str = "mean",
+                     confidence: float = 0.95, scale: float = 1.0) -> dict[str, Any]:
+    """Pre and post summaries, the paired difference and test, for aligned per-case values.
+
+    ``kind``: "proportion" (values are 0/1: Wilson intervals, McNemar) or "mean"
+    (t intervals, paired t). Means and intervals are multiplied by ``scale``.
+    """
+    if len(pre) != len(post):
+        raise ValueError(f"pre has {len(pre)} values, post {len(post)}")
+    if kind not in ("proportion", "mean"):
+        raise ValueError(f"kind must be 'proportion' or 'mean', got {kind!r}")
+
+    def one(values: Sequence[float | None]) -> dict[str, Any]:
+        vals = [float(v) for v in values if v is not None]
+        if kind == "proportion":
+            return proportion_ci(sum(1 for v in vals if v >= 0.5), len(vals), confidence=confidence)
+        return mean_ci(vals, confidence=confidence)
+
+    pairs = [(float(a), float(b)) for a, b in zip(pre, post) if a is not None and b is not None]
+    diff = mean_ci([b - a for a, b in pairs], confidence=confidence)
+    test = paired_test([a for a, _ in pairs], [b for _, b in pairs], kind=kind)
+    return {
+        "kind": kind,
+        "pre": _scaled(one(pre), scale),
+        "post": _scaled(one(post), scale),
+        "difference": _scaled(diff, scale),
+        "test": test,
+    }
+
+
+def clean_json(obj: Any) -> Any:
+    """A copy of ``obj`` with tuples as lists, NaN/inf as None and numpy scalars as Python numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return clean_json(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write strict JSON (no NaN) atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    _write_text(path, text)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``output_dir``; returns both paths."""
+    out = Path(output_dir)
+    json_path = write_json(report, out / "report.json")
+    md_path = out / "report.md"
+    _write_text(md_path, render_markdown(report))
+    return json_path, md_path
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a saved report: a ``report.json`` file, or an output folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no report at {str(p)!r}; pass a report.json or the folder that holds it")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or "metrics" not in data:
+        raise ValueError(f"{p} is not a neuraldb evaluation report (no 'metrics' key)")
+    return data
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_value(x: Any, digits: int = 1, *, signed: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    return str(x)
+
+
+def _with_ci(summary: Mapping[str, Any] | None, digits: int = 1, *, signed: bool = False) -> str:
+    if not summary or summary.get("mean") is None:
+        return "-"
+    text = format_value(summary["mean"], digits, signed=signed)
+    ci = summary.get("ci")
+    if ci:
+        text += f" [{format_value(ci[0], digits, signed=signed)}, {format_value(ci[1], digits, signed=signed)}]"
+    return text
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _metric_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name, m in report.get("metrics", {}).items():
+        label = f"{name} ({m.get('unit', '')})".replace(" ()", "")
+        if m.get("skipped"):
+            rows.append([label, "skipped", "", "", m.get("reason", ""), ""])
+            continue
+        test = m.get("test") or {}
+        n = (m.get("post") or {}).get("n")
+        rows.append([label, _with_ci(m.get("pre")), _with_ci(m.get("post")),
+                     _with_ci(m.get("difference"), signed=True), test.get("name", "-").split(" (")[0],
+                     _p(test.get("p_value")) + (f" (n={n})" if n is not None else "")])
+    return rows
+
+
+def _gate_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for group, g in (report.get("gate") or {}).get("groups", {}).items():
+        pf = g.get("prompt_fire") or {}
+        ci = pf.get("ci")
+        any_fire = _pct(pf.get("mean")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+        rows.append([group, str(g.get("prompts", 0)), any_fire, _pct(g.get("own_prompt_rate")),
+                     f"{g.get('fires', 0)}/{g.get('positions', 0)} ({_pct(g.get('fire_rate'), 2)})"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- Markdown sections
+
+
+def render_header(report: Mapping[str, Any]) -> str:
+    ds, model, store = report.get("dataset", {}), report.get("model", {}), report.get("store", {})
+    lines = [f"# NeuralDB evaluation: {ds.get('name', '?')}, {ds.get('n_cases', '?')} cases, "
+             f"model {model.get('name', '?')}", ""]
+    lines.append(f"Store: {store.get('facts', '?')} facts at layer {store.get('layer', '?')} "
+                 f"({store.get('module', '?')}), gamma {store.get('gamma', '?')}. "
+                 f"Model dtype {model.get('dtype', '?')} on {model.get('device', '?')}. "
+                 f"Created {report.get('created', '?')}.")
+    for w in report.get("warnings", []):
+        lines.append(f"\n> **Note:** {w}")
+    return "\n".join(lines)
+
+
+def render_metrics(report: Mapping[str, Any]) -> str:
+    conf = report.get("config", {}).get("evaluate", {}).get("confidence", 0.95)
+    text = "## Metrics\n\n" + _table(["metric", "pre (store detached)", "post (store attached)", "post - pre",
+                                       "paired test", "p"], _metric_rows(report))
+    text += (f"\n\nMean [{100 * conf:g}% interval]. Proportions (one yes/no outcome per case): {WILSON_METHOD.lower()}"
+             f" and the exact McNemar test; other metrics: {T_METHOD.lower()} and the paired t-test. "
+             "post - pre: t interval of the per-case differences.")
+    return text
+
+
+def render_gate(report: Mapping[str, Any]) -> str:
+    gate = report.get("gate")
+    if not gate:
+        return ""
+    text = "## Gate firing (store attached)\n\n" + _table(
+        ["prompts", "n", "fired at any position", "retrieved its own fact", "fires / gated positions"],
+        _gate_rows(report))
+    text += ("\n\nA forward pass over each prompt alone (generation: the post-edit texts, prompt + continuation). "
+             "Gated positions exclude padding and each sequence's first token. 'Own fact': the prompt fired "
+             "and some firing position retrieved the case's own fact.")
+    return text
+
+
+def render_general(report: Mapping[str, Any]) -> str:
+    general = report.get("general")
+    if not general:
+        return ""
+    tasks = general.get("tasks", general) if isinstance(general, Mapping) else {}
+    rows, keys = [], []
+    for task, res in tasks.items():
+        if not isinstance(res, Mapping):
+            continue
+        for k, v in res.items():
+            if k not in keys and (v is None or isinstance(v, (int, float, str))):
+                keys.append(k)
+    for task, res in tasks.items():
+        if isinstance(res, Mapping):
+            rows.append([task] + [format_value(res.get(k), 4) if isinstance(res.get(k), float) else
+                                  format_value(res.get(k)) for k in keys])
+    return "## General abilities (lm-evaluation-harness)\n\n" + _table(["task"] + keys, rows)
+
+
+def render_samples(report: Mapping[str, Any], n: int = 3) -> str:
+    samples = [(c.get("fact_id"), c.get("samples")) for c in report.get("cases", []) if c.get("samples")][:n]
+    if not samples:
+        return ""
+    lines = ["## Sample generations (first generation prompt)", ""]
+    for fid, s in samples:
+        for phase in ("pre", "post"):
+            if s.get(phase):
+                lines.append(f"- `{fid}` {phase}: {s[phase][:300]!r}")
+    return "\n".join(lines)
+
+
+def render_data(report: Mapping[str, Any]) -> str:
+    ds = report.get("dataset", {})
+    lr = ds.get("load_report") or {}
+    lines = ["## Data", "", f"- dataset: {ds.get('name')} ({ds.get('kind')}), {ds.get('n_cases')} cases evaluated"]
+    if lr:
+        lines.append(f"- source: `{lr.get('source')}` ({lr.get('format')}): {lr.get('loaded')} of "
+                     f"{lr.get('records')} records loaded, {len(lr.get('skipped') or [])} skipped")
+    return "\n".join(lines)
+
+
+def render_config(report: Mapping[str, Any]) -> str:
+    cfg = {"evaluate": report.get("config", {}).get("evaluate"), "store": report.get("store", {}).get("config"),
+           "versions": report.get("versions")}
+    return "## Configuration\n\n```json\n" + json.dumps(cfg, indent=1, ensure_ascii=False) + "\n```"
+
+
+def render_timings(report: Mapping[str, Any]) -> str:
+    t = report.get("timings") or {}
+    if not t:
+        return ""
+    return "## Timings (seconds)\n\n" + _table(["phase", "s"], [[k, format_value(v, 1)] for k, v in t.items()])
+
+
+SECTIONS: list[Callable[[Mapping[str, Any]], str]] = [
+    render_header, render_metrics, render_gate, render_general, render_samples, render_data, render_timings,
+    render_config,
+]
+
+
+def render_markdown(report: Mapping[str, Any], sections: Sequence[Callable[[Mapping[str, Any]], str]] | None = None) -> str:
+    """The report as Markdown: the non-empty ``sections`` (default ``SECTIONS``) in order."""
+    blocks = [s(report) for s in (SECTIONS if sections is None else sections)]
+    return "\n\n".join(b for b in blocks if b) + "\n"
+
+
+# ----------------------------------------------------------------------------- terminal
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    """A compact plain-text summary for the terminal: metrics and gate firing."""
+    ds, store = report.get("dataset", {}), report.get("store", {})
+    out = [f"{ds.get('name')}: {ds.get('n_cases')} cases; store {store.get('facts')} facts, layer "
+           f"{store.get('layer')}, gamma {store.get('gamma')}"]
+    out.append(_aligned(["metric", "pre", "post", "post - pre", "test", "p"], _metric_rows(report)))
+    gate_rows = _gate_rows(report)
+    if gate_rows:
+        out.append("gate firing (store attached):")
+        out.append(_aligned(["prompts", "n", "fired", "own fact", "fires/positions"], gate_rows))
+    general = report.get("general")
+    if general:
+        out.append(render_general(report).split("\n\n", 1)[1])
+    out += [f"note: {w}" for w in report.get("warnings", [])]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool | None:
+    if not a or not b:
+        return None
+    return not (a[1] < b[0] or b[1] < a[0])
+
+
+def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """What differs between two saved reports (B relative to A); nothing is re-run."""
+    metrics = {}
+    for name in list(dict.fromkeys([*a.get("metrics", {}), *b.get("metrics", {})])):
+        ma, mb = a.get("metrics", {}).get(name) or {}, b.get("metrics", {}).get(name) or {}
+        row: dict[str, Any] = {"unit": ma.get("unit") or mb.get("unit")}
+        for phase in ("pre", "post"):
+            pa, pb = ma.get(phase) or {}, mb.get(phase) or {}
+            va, vb = pa.get("mean"), pb.get("mean")
+            row[phase] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va,
+                          "ci_a": pa.get("ci"), "ci_b": pb.get("ci"), "cis_overlap": _overlap(pa.get("ci"), pb.get("ci"))}
+        metrics[name] = row
+    gate = {}
+    ga, gb = (a.get("gate") or {}).get("groups", {}), (b.get("gate") or {}).get("groups", {})
+    for group in list(dict.fromkeys([*ga, *gb])):
+        x, y = ga.get(group) or {}, gb.get(group) or {}
+        gate[group] = {key: {"a": x.get(key), "b": y.get(key)} for key in ("fire_rate", "own_prompt_rate")}
+        for key, sub in (("prompt_fire_rate", "prompt_fire"),):
+            gate[group][key] = {"a": (x.get(sub) or {}).get("mean"), "b": (y.get(sub) or {}).get("mean")}
+    fa = _flatten({"config": a.get("config"), "store": {k: v for k, v in (a.get("store") or {}).items()},
+                   "dataset": {k: v for k, v in (a.get("dataset") or {}).items() if k != "case_ids"},
+                   "model": a.get("model"), "versions": a.get("versions")})
+    fb = _flatten({"config": b.get("config"), "store": {k: v for k, v in (b.get("store") or {}).items()},
+                   "dataset": {k: v for k, v in (b.get("dataset") or {}).items() if k != "case_ids"},
+                   "model": b.get("model"), "versions": b.get("versions")})
+    config = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+    ids_a = {c.get("fact_id") for c in a.get("cases", [])}
+    ids_b = {c.get("fact_id") for c in b.get("cases", [])}
+    return {"metrics": metrics, "gate": gate, "config": config,
+            "cases": {"a": len(ids_a), "b": len(ids_b), "shared": len(ids_a & ids_b)}}
+
+
+def render_comparison(cmp: Mapping[str, Any], *, label_a: str = "A", label_b: str = "B") -> str:
+    """Plain-text rendering of :func:`compare_reports` (metrics, gate, configuration differences)."""
+    rows = []
+    for name, m in cmp["metrics"].items():
+        for phase in ("pre", "post"):
+            p = m[phase]
+            flag = {True: "", False: "  *CIs disjoint*", None: ""}[p["cis_overlap"]]
+            rows.append([name if phase == "pre" else "", phase, format_value(p["a"]), format_value(p["b"]),
+                         format_value(p["b_minus_a"], signed=True) + flag])
+    c = cmp["cases"]
+    out = [f"cases: {label_a} {c['a']}, {label_b} {c['b']}, shared {c['shared']}",
+           _aligned(["metric", "phase", label_a, label_b, f"{label_b} - {label_a}"], rows)]
+    if cmp["gate"]:
+        grows = []
+        for group, g in cmp["gate"].items():
+            grows.append([group] + [f"{_pct(g[k]['a'], 2)} -> {_pct(g[k]['b'], 2)}"
+                                    for k in ("prompt_fire_rate", "own_prompt_rate", "fire_rate")])
+        out += ["gate firing:", _aligned(["prompts", "fired", "own fact", "fires/positions"], grows)]
+    if cmp["config"]:
+        out.append("differences in configuration:")
+        for key, v in cmp["config"].items():
+            out.append(f"  {key}: {v['a']!r} -> {v['b']!r}")
+    else:
+        out.append("no differences in configuration")
+    return "\n".join(out)
