@@ -87,6 +87,7 @@ ALIASES: dict[str, BuiltinModel] = {
 _MARKER = "neuraldb-cache.json"
 _STALE_TMP_S = 3600  # temporary folders older than this are leftovers of killed conversions
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+_BARE_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*$")  # legacy hub ids without an owner ("gpt2")
 # transformers renamed `torch_dtype` to `dtype` in 4.56; older versions silently ignore `dtype`.
 _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
@@ -122,8 +123,11 @@ def load_model(
         model, tok = _from_pretrained(path, dtype, local_files_only=True)
     elif path.exists():
         raise ValueError(f"{name!r} is a file; pass the directory that save_pretrained wrote")
-    elif _HUB_ID.match(name):
-        model, tok = _from_pretrained(name, dtype, cache_dir=cache_dir)
+    elif _HUB_ID.match(name) or (_BARE_HUB_ID.match(name) and not _close_alias(name)):
+        try:  # a hub id: "owner/name", or a legacy bare one such as "gpt2"
+            model, tok = _from_pretrained(name, dtype, cache_dir=cache_dir)
+        except OSError as exc:
+            raise OSError(f"{exc}\n{_unknown_name_message(name)}") from exc
     else:
         raise ValueError(_unknown_name_message(name))
     if tok.pad_token is None:
@@ -150,8 +154,12 @@ def _from_pretrained(source: str | Path, dtype: torch.dtype | str, **kwargs: Any
     return model, AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def _close_alias(name: str) -> list[str]:
+    return difflib.get_close_matches(name.strip().lower(), list(ALIASES), n=1, cutoff=0.6)
+
+
 def _unknown_name_message(name: str) -> str:
-    close = difflib.get_close_matches(name.strip().lower(), list(ALIASES), n=1, cutoff=0.5)
+    close = _close_alias(name)
     hint = f"Did you mean {close[0]!r}? " if close else ""
     return (
         f"{name!r} is not a built-in alias, an existing directory, or a hub id like 'owner/name'. "

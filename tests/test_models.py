@@ -101,10 +101,26 @@ def test_unknown_alias_suggests_the_close_one(name):
     assert all(alias in message for alias in ALIASES)
 
 
-@pytest.mark.parametrize("name", ["no-such-model", "./not/a/dir", "a/b/c"])
+@pytest.mark.parametrize("name", ["./not/a/dir", "a/b/c"])
 def test_neither_path_nor_hub_id_lists_the_aliases(name):
     with pytest.raises(ValueError, match="Built-in aliases: gemma3-270m, smollm2-135m"):
         load_model(name)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "openai-community/gpt2"])
+def test_hub_names_go_to_from_pretrained(name, monkeypatch):
+    import neuraldb.models as models
+
+    seen = []
+
+    def fake(source, dtype, **kwargs):
+        seen.append(source)
+        raise OSError(f"{source} is not reachable (offline)")
+
+    monkeypatch.setattr(models, "_from_pretrained", fake)
+    with pytest.raises(OSError, match="Built-in aliases: gemma3-270m, smollm2-135m"):
+        load_model(name)
+    assert seen == [name]
 
 
 def test_a_file_is_not_a_model_directory(tmp_path):

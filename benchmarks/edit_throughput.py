@@ -1,0 +1,145 @@
+"""Edit throughput: ``neuraldb.edit`` (batched, cached prefix layers) vs the naive per-fact loop.
+
+Usage::
+
+    python benchmarks/edit_throughput.py --n 32 [--model smollm2-135m] [--device cuda]
+
+The naive loop is ROME's ``compute_z`` as written: one fact at a time, the whole model
+forward and backward (weights' gradients included) on every step, 25 Adam steps with
+the same loss, clamp and early stop. Both use the same keys, so the stores differ
+only in their residuals; efficacy (ES) and generalization (PS) of both stores are
+measured with the CounterFact metric. Prints facts/s, the ratio, ES/PS of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import neuraldb
+from neuraldb import EditConfig, NeuralDB, TraceDict
+from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
+from neuraldb.residuals import _build
+
+
+def naive_residual(model, tok, fact, *, layer, templates, cfg: EditConfig, arch) -> torch.Tensor:
+    """One fact, whole model, every step (ROME's compute_z loop)."""
+    device = model_device(model)
+    seqs = _build(tok, [fact], templates, cfg.kl_prompt)
+    ids, mask = pad_batch([s.ids for s in seqs], pad_id(tok), device)
+    subj = torch.tensor([s.subject_pos for s in seqs], device=device)
+    name = arch.layer(layer)
+    with torch.no_grad(), TraceDict(model, [name]) as td:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    kl_row = len(seqs) - 1
+    p_orig = F.log_softmax(logits[kl_row, seqs[-1].target_pos[0]], -1)
+    h_norm = td[name].output[0, subj[0]].norm()
+    delta = torch.zeros(td[name].output.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    rows = torch.arange(len(seqs), device=device)
+
+    def add(out, x, layer=None):
+        out = out.clone()
+        out[rows, subj] += delta
+        return out
+
+    for _ in range(cfg.steps):
+        opt.zero_grad()
+        with TraceDict(model, [name], retain_output=False, edit_output=add):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = 0.0
+        for r, s in enumerate(seqs[:-1]):
+            lp = F.log_softmax(logits[r, s.target_pos], -1)
+            nll = nll + -lp[torch.arange(len(s.target_ids)), torch.tensor(s.target_ids)].mean()
+        nll = nll / (len(seqs) - 1)
+        lp = F.log_softmax(logits[kl_row, seqs[-1].target_pos[0]], -1)
+        kl = (p_orig.exp() * (p_orig - lp)).sum()
+        loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / h_norm**2
+        if loss.item() < cfg.early_stop_loss:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            max_norm = cfg.clamp_norm_factor * h_norm
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return delta.detach()
+
+
+def scores(model, tok, db, cases):
+    from evals.metrics.counterfact import counterfact_scores, summarize_counterfact
+
+    with db.attached(model):
+        s = summarize_counterfact(counterfact_scores(model=model, tokenizer=tok, cases=cases))
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default: --n)")
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    from evals.datasets import load_counterfact
+
+    model, tok = neuraldb.load_model(args.model, device=args.device)
+    cases = load_counterfact(data_dir=args.data_dir, limit=args.n)
+    facts = [c.fact for c in cases]
+    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size)
+    arch = neuraldb.resolve_arch(model)
+    layer = cfg.layer if cfg.layer is not None else arch.default_layer
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    neuraldb.edit(model, tok, facts[:2], config=cfg, progress=False)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    fast = neuraldb.edit(model, tok, facts, config=cfg, progress=False)
+    sync()
+    fast_s = time.perf_counter() - t0
+
+    templates = fast.config["context_templates"]
+    naive_n = args.naive_n or args.n
+    per_fact = []
+    residuals = []
+    for f in facts[:naive_n]:
+        t0 = time.perf_counter()
+        residuals.append(naive_residual(model, tok, f, layer=layer, templates=templates, cfg=cfg, arch=arch))
+        sync()
+        per_fact.append(time.perf_counter() - t0)
+    naive = NeuralDB(layer=fast.layer, d_key=fast.d_key, d_model=fast.d_model, gamma=fast.gamma,
+                     module_template=fast.module_template, residual_template=fast.residual_template,
+                     fingerprint=fast.fingerprint)
+    naive.add(fast.ids[:naive_n], fast.keys[:naive_n], torch.stack(residuals))
+
+    fast_rate = len(facts) / fast_s
+    naive_rate = 1.0 / statistics.median(per_fact)
+    s_fast = scores(model, tok, fast, cases)
+    s_fast_sub = scores(model, tok, _subset(fast, naive_n), cases[:naive_n])
+    s_naive = scores(model, tok, naive, cases[:naive_n])
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}")
+    print(f"neuraldb.edit : {fast_s:8.1f} s for {len(facts)} facts = {fast_rate:.3f} facts/s ({fast_s / len(facts):.2f} s/fact)")
+    print(f"naive loop    : median {statistics.median(per_fact):.2f} s/fact over {naive_n} facts = {naive_rate:.3f} facts/s")
+    print(f"speed-up      : {fast_rate / naive_rate:.1f}x")
+    print(f"efficacy ES   : edit {100 * s_fast_sub['efficacy']:.1f} vs naive {100 * s_naive['efficacy']:.1f} (same {naive_n} facts; edit on all {len(facts)}: {100 * s_fast['efficacy']:.1f})")
+    print(f"general. PS   : edit {100 * s_fast_sub['generalization']:.1f} vs naive {100 * s_naive['generalization']:.1f}")
+
+
+def _subset(db: NeuralDB, n: int) -> NeuralDB:
+    sub = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=db.d_model, gamma=db.gamma,
+                   module_template=db.module_template, residual_template=db.residual_template,
+                   fingerprint=db.fingerprint)
+    sub.add(db.ids[:n], db.keys[:n], db.residuals[:n])
+    return sub
+
+
+if __name__ == "__main__":
+    main()

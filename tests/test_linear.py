@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+import neuraldb
+from neuraldb import StoreError
+from neuraldb.linear import LinearReader, estimate_c0, linear_delta
+
+from test_edit import CFG, FACTS, next_token
+
+
+def test_linear_delta_solves_the_normal_equations():
+    g = torch.Generator().manual_seed(0)
+    keys, res = torch.randn(5, 12, generator=g), torch.randn(5, 3, generator=g)
+    c0 = torch.eye(12) * 2.0
+    d = linear_delta(keys, res, c0=c0, lam=0.5)  # (3, 12)
+    k, r = keys.double().T, res.double().T
+    # delta (K K^T + lam C0) = R K^T
+    assert torch.allclose(d @ (k @ k.T + 0.5 * c0.double()), r @ k.T, atol=1e-9)
+    # tiny lam: each key is mapped (almost) exactly onto its residual
+    exact = linear_delta(keys, res, c0=None, lam=1e-8)
+    assert torch.allclose(exact @ k, r, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_linear_reader_writes_and_restores_the_weight(family):
+    from conftest import tiny_model
+
+    model, tok = tiny_model(family)
+    db = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reader = LinearReader(db, lam=1e-4)
+    with reader.attached(model):
+        assert [next_token(model, tok, f.text) for f in FACTS] == ["rome", "english", "tennis"]
+        assert reader.stats()["reader"] == "linear" and len(reader) == 3 and reader.ids == db.ids
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_c0_and_gemma_refusal(tiny_llama):
+    model, tok = tiny_llama
+    c0 = estimate_c0(model, tok, ["the city of rome", "a big red dog"], layer=1)
+    assert c0.shape == (64, 64) and torch.allclose(c0, c0.T)
+    assert torch.linalg.eigvalsh(c0).min() > -1e-9
+    db = neuraldb.NeuralDB(layer=1, d_key=64, d_model=32, module_template="m.{}.down", residual_template="m.{}.post_norm")
+    with pytest.raises(StoreError, match="not equivalent"):
+        LinearReader(db)
