@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import neuraldb
+from _common import add_model_arguments, device_name, load, synchronizer
 from neuraldb import EditConfig, NeuralDB, TraceDict
 from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
 from neuraldb.residuals import _build
@@ -80,24 +81,23 @@ def scores(model, tok, db, cases):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_model_arguments(ap)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default: --n)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     from evals.datasets import load_counterfact
 
-    model, tok = neuraldb.load_model(args.model, device=args.device)
+    model, tok = load(args)
     cases = load_counterfact(data_dir=args.data_dir, limit=args.n)
     facts = [c.fact for c in cases]
     cfg = EditConfig(layer=args.layer, batch_size=args.batch_size)
     arch = neuraldb.resolve_arch(model)
     layer = cfg.layer if cfg.layer is not None else arch.default_layer
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(args.device)
     neuraldb.edit(model, tok, facts[:2], config=cfg, progress=False)  # warm-up
     sync()
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def main() -> None:
     s_fast = scores(model, tok, fast, cases)
     s_fast_sub = scores(model, tok, _subset(fast, naive_n), cases[:naive_n])
     s_naive = scores(model, tok, naive, cases[:naive_n])
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    dev = device_name(args.device)
     print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}")
     print(f"neuraldb.edit : {fast_s:8.1f} s for {len(facts)} facts = {fast_rate:.3f} facts/s ({fast_s / len(facts):.2f} s/fact)")
     print(f"naive loop    : median {statistics.median(per_fact):.2f} s/fact over {naive_n} facts = {naive_rate:.3f} facts/s")

@@ -48,7 +48,7 @@ from neuraldb import Fact, FactError
 
 __all__ = [
     "DATA_DIR_LAYOUT", "PUBLIC_FILES", "DatasetError", "EvalCase", "EvalCases", "LoadReport",
-    "RemoteFile", "SkippedRecord", "download", "load_counterfact", "load_zsre",
+    "RemoteFile", "SkippedRecord", "detect_kind", "download", "load_any", "load_counterfact", "load_zsre",
     "parse_counterfact", "parse_zsre", "resolve_source",
 ]
 
@@ -493,3 +493,25 @@ def load_zsre(source: str | os.PathLike | None = None, *, data_dir: str | os.Pat
     records = _window(_read_records(path), offset, limit)
     return parse_zsre(records, source=str(path), skip_invalid=skip_invalid, target=target,
                       loc_suffix=loc_suffix, index_offset=offset)
+
+
+def detect_kind(records: Sequence[Any], source: str = "<records>") -> Kind:
+    """'counterfact' or 'zsre', from the first record's keys."""
+    first = next((r for r in records if isinstance(r, Mapping)), None) or {}
+    if "requested_rewrite" in first or ("prompt" in first and ("ground_truth" in first or "rephrase_prompt" in first)):
+        return "counterfact"
+    if "src" in first and "loc" in first:
+        return "zsre"
+    keys = sorted(first)
+    raise DatasetError(f"{source}: cannot tell whether this is CounterFact or zsRE from the first record's keys "
+                       f"{keys}; use load_counterfact or load_zsre")
+
+
+def load_any(source: str | os.PathLike, *, limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
+             target: str = "answers", sha256: str | None = None) -> EvalCases:
+    """Load a CounterFact or zsRE file, whichever it is (see :func:`detect_kind`); zsRE uses ``target``."""
+    path = resolve_source("counterfact", source, sha256=sha256)
+    records = _window(_read_records(path), offset, limit)
+    if detect_kind(records, str(path)) == "zsre":
+        return parse_zsre(records, source=str(path), skip_invalid=skip_invalid, target=target, index_offset=offset)
+    return parse_counterfact(records, source=str(path), skip_invalid=skip_invalid, index_offset=offset)

@@ -33,7 +33,8 @@ What is measured, per task (an MMLU group pools its 57 subjects' examples):
 - ``identical_predictions`` / ``identical_fraction``: whether the answer the metric scores is the
   same per example (multiple choice: the chosen option under acc or acc_norm; lambada: whether the
   greedy continuation is the target; generation: the text). ``identical_outputs``: every
-  log-likelihood (or generated text) is bit-identical.
+  log-likelihood (or generated text) is bit-identical; ``changed_examples`` lists the examples
+  where one is not (it must be a subset of ``firing["fired_examples"]``).
 - ``firing``: the gate on that task's inputs during the edited run: ``fires`` of ``positions``
   gated positions (``rate``), and ``examples_fired`` of ``examples`` had any fire (their ids in
   ``fired_examples``). Where it never fired, before and after must be identical.
@@ -207,6 +208,7 @@ def _task_report(
     primary = metric_names[0] if metric_names else None
     same_pred = [_prediction(sb, task_objects.get(leaf), primary or "") == _prediction(sa, task_objects.get(leaf), primary or "")
                  for _, leaf, sb, sa in pairs]
+    changed = [ex for ex, _, sb, sa in pairs if _outputs(sb) != _outputs(sa)]
     shots = sorted({int(before.get("n-shot", {}).get(leaf, 0)) for leaf in leaves})
     report = {
         "task": name,
@@ -217,7 +219,8 @@ def _task_report(
         **({k: v for k, v in metrics[primary].items() if k != "metric"} if primary else {}),
         "identical_predictions": all(same_pred),
         "identical_fraction": float(np.mean(same_pred)) if same_pred else None,
-        "identical_outputs": all(_outputs(sb) == _outputs(sa) for _, _, sb, sa in pairs),
+        "identical_outputs": not changed,
+        "changed_examples": changed,
         "firing": _firing_report(name, leaves, grouped, firing, n_examples=len(pairs)),
         "metrics": metrics,
     }
@@ -296,7 +299,9 @@ def confidence_interval(values: Sequence[float], *, kind: str, confidence: float
         p = x.mean()
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+        low = 0.0 if p == 0.0 else max(0.0, centre - half)
+        high = 1.0 if p == 1.0 else min(1.0, centre + half)
+        return [float(low), float(high)]
     if n < 2:
         return None
     m, se = x.mean(), x.std(ddof=1) / math.sqrt(n)

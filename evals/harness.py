@@ -6,7 +6,7 @@ Example (Python)::
     from evals.harness import NeuralDBLM
     lm = NeuralDBLM(pretrained="smollm2-135m", db="facts.safetensors", batch_size=8)
     lm_eval.simple_evaluate(model=lm, tasks=["sciq"], limit=50, bootstrap_iters=0)
-    lm.firing_summary()          # {'sciq': {'fires': 0, 'positions': 9172, 'rate': 0.0, ...}}
+    lm.firing_summary()          # {'sciq': {'fires': .., 'positions': .., 'rate': .., 'examples_fired': .., ...}}
     lm.edited = False            # the same instance with the store off: the original model
 
 Example (command line; lm-eval 0.4.13 loads no plugins, so this module registers the model and
@@ -52,6 +52,7 @@ __all__ = ["NeuralDBLM", "RequestFiring", "main", "add_harness_arguments", "run_
 
 log = logging.getLogger(__name__)
 Tokens = tuple[int, ...]
+Key = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ class NeuralDBLM(HFLM):
         self.edited = db is not None
         self.firing: list[RequestFiring] = []
         self.firing_log = Path(firing_log) if firing_log else None
-        self._rows: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (inputs, fire mask) per forward
+        self._wanted: set[Key] | None = None  # inputs of the loglikelihood requests being run
+        self._table: dict[Key, tuple[int, int]] = {}  # input -> (fires, gated positions)
         self._token_firing: list[tuple[int, int] | None] = []  # per _loglikelihood_tokens request
         self._gen_rows: dict[Tokens, tuple[int, int]] | None = None
 
@@ -169,9 +171,10 @@ class NeuralDBLM(HFLM):
             if db is not None:
                 db.last_fire_mask = None
             logits = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
-            if db is not None and self._rows is not None:
+            if db is not None and self._wanted is not None:
                 mask = db.last_fire_mask  # (batch, seq); None when the store is empty
-                self._rows.append((inps.cpu(), torch.zeros(inps.shape, dtype=torch.bool) if mask is None else mask.cpu()))
+                fired = torch.zeros(inps.shape, dtype=torch.bool) if mask is None else mask.cpu()
+                self._table.update(_match_rows(inps.cpu(), fired, self._wanted))
         return logits
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
@@ -191,10 +194,10 @@ class NeuralDBLM(HFLM):
             with Trace(self.model, "", retain_output=False, edit_output=count):
                 out = super()._model_generate(context, max_length, stop, **generation_kwargs)
         mask = generation_kwargs.get("attention_mask")
-        new_tokens = out.shape[1] - context.shape[1]
+        steps = max(out.shape[1] - context.shape[1] - 1, 0)  # the last new token is never fed back
         for r, n in enumerate(fires.tolist()):
             row = context[r][mask[r].bool()] if mask is not None else context[r]
-            self._gen_rows[tuple(row.tolist())] = (n, max(row.shape[0] - 1, 0) + new_tokens)
+            self._gen_rows[tuple(row.tolist())] = (n, max(row.shape[0] - 1, 0) + steps)
         return out
 
     # ----------------------------------------------------------- per-request firing
@@ -205,14 +208,13 @@ class NeuralDBLM(HFLM):
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list:
         if not self.store_active or self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        wanted = {self._causal_input(ctx, cont) for _, ctx, cont in requests}
-        self._rows = rows = []
+        keys = [_key(self._causal_input(ctx, cont)) for _, ctx, cont in requests]
+        self._wanted, self._table = set(keys), {}
         try:
             out = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            self._token_firing.extend(self._table.get(k) for k in keys)
         finally:
-            self._rows = None
-        table = _match_rows(rows, wanted)
-        self._token_firing.extend(table.get(self._causal_input(ctx, cont)) for _, ctx, cont in requests)
+            self._wanted, self._table = None, {}
         return out
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
@@ -307,23 +309,28 @@ class NeuralDBLM(HFLM):
         return out
 
 
-def _match_rows(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], wanted: set[Tokens]) -> dict[Tokens, tuple[int, int]]:
-    """(fires, gated positions) per input sequence, from the right-padded batches of forward passes.
+def _key(tokens: Sequence[int]) -> Key:
+    """A small stand-in for a token sequence (its length and hash), to match forward rows to requests."""
+    tokens = tuple(tokens)
+    return len(tokens), hash(tokens)
 
-    lm-eval pads with token 0, which may also be a real token: a row's input is the longest
+
+def _match_rows(inps: torch.Tensor, fired: torch.Tensor, wanted: set[Key]) -> dict[Key, tuple[int, int]]:
+    """(fires, gated positions) per wanted input, from one right-padded batch and its fire mask.
+
+    lm-eval pads with token 0, which may also be a real token: a row's input is the shortest
     prefix that is a wanted input and is followed by zeros only.
     """
-    table: dict[Tokens, tuple[int, int]] = {}
-    for inps, mask in rows:
-        for tokens, fired in zip(inps.tolist(), mask, strict=True):
-            n = len(tokens)
-            while n and tokens[n - 1] == 0:
-                n -= 1
-            for length in range(n, len(tokens) + 1):
-                key = tuple(tokens[:length])
-                if key in wanted:  # positions 1.. are gated; position 0 is the sink
-                    table[key] = (int(fired[:length].sum()), max(length - 1, 0))
-                    break
+    table: dict[Key, tuple[int, int]] = {}
+    for tokens, row in zip(inps.tolist(), fired, strict=True):
+        n = len(tokens)
+        while n and tokens[n - 1] == 0:
+            n -= 1
+        for length in range(n, len(tokens) + 1):
+            key = _key(tokens[:length])
+            if key in wanted:  # positions 1.. are gated; position 0 is the sink
+                table[key] = (int(row[:length].sum()), max(length - 1, 0))
+                break
     return table
 
 

@@ -189,6 +189,7 @@ def _write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -262,7 +263,7 @@ def _metric_rows(report: Mapping[str, Any]) -> list[list[str]]:
     for name, m in report.get("metrics", {}).items():
         label = f"{name} ({m.get('unit', '')})".replace(" ()", "")
         if m.get("skipped"):
-            rows.append([label, "skipped", "", "", m.get("reason", ""), ""])
+            rows.append([label, "skipped (see notes)", "-", "-", "-", "-"])
             continue
         test = m.get("test") or {}
         n = (m.get("post") or {}).get("n")
@@ -303,10 +304,15 @@ def render_metrics(report: Mapping[str, Any]) -> str:
     conf = report.get("config", {}).get("evaluate", {}).get("confidence", 0.95)
     text = "## Metrics\n\n" + _table(["metric", "pre (store detached)", "post (store attached)", "post - pre",
                                        "paired test", "p"], _metric_rows(report))
-    text += (f"\n\nMean [{100 * conf:g}% interval]. Proportions (one yes/no outcome per case): {WILSON_METHOD.lower()}"
-             f" and the exact McNemar test; other metrics: {T_METHOD.lower()} and the paired t-test. "
-             "post - pre: t interval of the per-case differences.")
+    text += (f"\n\nMean [{100 * conf:g}% interval]. Proportions (one yes/no outcome per case): Wilson score "
+             "interval and the exact McNemar test; other metrics: Student t interval of the mean of per-case values "
+             "and the paired t-test. post - pre: t interval of the per-case differences.")
+    text += "".join(f"\n\n- {n}: {r}" for n, r in _skipped(report))
     return text
+
+
+def _skipped(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(n, m.get("reason", "")) for n, m in report.get("metrics", {}).items() if m.get("skipped")]
 
 
 def render_gate(report: Mapping[str, Any]) -> str:
@@ -322,23 +328,36 @@ def render_gate(report: Mapping[str, Any]) -> str:
     return text
 
 
-def render_general(report: Mapping[str, Any]) -> str:
-    general = report.get("general")
-    if not general:
-        return ""
-    tasks = general.get("tasks", general) if isinstance(general, Mapping) else {}
-    rows, keys = [], []
-    for task, res in tasks.items():
-        if not isinstance(res, Mapping):
+def _general_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    general = report.get("general") or {}
+    tasks = general.get("tasks", {}) if isinstance(general, Mapping) else {}
+    rows = []
+    for task, t in tasks.items():
+        if not isinstance(t, Mapping):
             continue
-        for k, v in res.items():
-            if k not in keys and (v is None or isinstance(v, (int, float, str))):
-                keys.append(k)
-    for task, res in tasks.items():
-        if isinstance(res, Mapping):
-            rows.append([task] + [format_value(res.get(k), 4) if isinstance(res.get(k), float) else
-                                  format_value(res.get(k)) for k in keys])
-    return "## General abilities (lm-evaluation-harness)\n\n" + _table(["task"] + keys, rows)
+        fire = t.get("firing") or {}
+        ident = t.get("identical_fraction")
+
+        def val(x: Any, ci: Any) -> str:
+            text = format_value(x, 4)
+            return text + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "")
+
+        rows.append([task, str(t.get("metric", "-")), str(t.get("shots", "-")), str(t.get("n", "-")),
+                     val(t.get("before"), t.get("ci_before")), val(t.get("after"), t.get("ci_after")),
+                     format_value(t.get("difference"), 4, signed=True), _p((t.get("test") or {}).get("p_value")),
+                     "-" if ident is None else f"{100 * ident:.1f}%",
+                     f"{fire.get('examples_fired', '-')}/{fire.get('examples', '-')}",
+                     f"{fire.get('fires', 0)}/{fire.get('positions', 0)} ({_pct(fire.get('rate'), 3)})"])
+    return rows
+
+
+def render_general(report: Mapping[str, Any]) -> str:
+    rows = _general_rows(report)
+    if not rows:
+        return ""
+    return "## General abilities (lm-evaluation-harness, before / after attaching the store)\n\n" + _table(
+        ["task", "metric", "shots", "n", "before", "after", "after - before", "p", "identical predictions",
+         "examples with a fire", "fires / positions"], rows)
 
 
 def render_samples(report: Mapping[str, Any], n: int = 3) -> str:
@@ -407,9 +426,12 @@ def render_text(report: Mapping[str, Any]) -> str:
     if gate_rows:
         out.append("gate firing (store attached):")
         out.append(_aligned(["prompts", "n", "fired", "own fact", "fires/positions"], gate_rows))
-    general = report.get("general")
-    if general:
-        out.append(render_general(report).split("\n\n", 1)[1])
+    general_rows = _general_rows(report)
+    if general_rows:
+        out.append("general abilities (before / after):")
+        out.append(_aligned(["task", "metric", "shots", "n", "before", "after", "diff", "p", "identical",
+                             "fired examples", "fires/positions"], general_rows))
+    out += [f"skipped {n}: {r}" for n, r in _skipped(report)]
     out += [f"note: {w}" for w in report.get("warnings", [])]
     return "\n".join(out)
 
@@ -451,6 +473,12 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         gate[group] = {key: {"a": x.get(key), "b": y.get(key)} for key in ("fire_rate", "own_prompt_rate")}
         for key, sub in (("prompt_fire_rate", "prompt_fire"),):
             gate[group][key] = {"a": (x.get(sub) or {}).get("mean"), "b": (y.get(sub) or {}).get("mean")}
+    general = {}
+    ta, tb = ((a.get("general") or {}).get("tasks") or {}), ((b.get("general") or {}).get("tasks") or {})
+    for task in list(dict.fromkeys([*ta, *tb])):
+        x, y = ta.get(task) or {}, tb.get(task) or {}
+        general[task] = {"metric": x.get("metric") or y.get("metric"),
+                         **{k: {"a": x.get(k), "b": y.get(k)} for k in ("before", "after", "identical_fraction")}}
     fa = _flatten({"config": a.get("config"), "store": {k: v for k, v in (a.get("store") or {}).items()},
                    "dataset": {k: v for k, v in (a.get("dataset") or {}).items() if k != "case_ids"},
                    "model": a.get("model"), "versions": a.get("versions")})
@@ -460,7 +488,7 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     config = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
     ids_a = {c.get("fact_id") for c in a.get("cases", [])}
     ids_b = {c.get("fact_id") for c in b.get("cases", [])}
-    return {"metrics": metrics, "gate": gate, "config": config,
+    return {"metrics": metrics, "gate": gate, "general": general, "config": config,
             "cases": {"a": len(ids_a), "b": len(ids_b), "shared": len(ids_a & ids_b)}}
 
 
@@ -482,6 +510,11 @@ def render_comparison(cmp: Mapping[str, Any], *, label_a: str = "A", label_b: st
             grows.append([group] + [f"{_pct(g[k]['a'], 2)} -> {_pct(g[k]['b'], 2)}"
                                     for k in ("prompt_fire_rate", "own_prompt_rate", "fire_rate")])
         out += ["gate firing:", _aligned(["prompts", "fired", "own fact", "fires/positions"], grows)]
+    if cmp.get("general"):
+        trows = [[task, str(g["metric"])] + [f"{format_value(g[k]['a'], 4)} -> {format_value(g[k]['b'], 4)}"
+                                            for k in ("before", "after", "identical_fraction")]
+                 for task, g in cmp["general"].items()]
+        out += ["general abilities:", _aligned(["task", "metric", "before", "after", "identical"], trows)]
     if cmp["config"]:
         out.append("differences in configuration:")
         for key, v in cmp["config"].items():

@@ -26,7 +26,7 @@ from .arch import ModelArch, resolve_arch
 from .facts import Fact, locate_subject
 from .nethook import Trace
 
-__all__ = ["context_templates", "compute_keys", "pad_batch", "model_device"]
+__all__ = ["calibration_queries", "context_templates", "compute_keys", "pad_batch", "model_device"]
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +148,40 @@ def compute_keys(
         pos = torch.tensor([r.subject_pos for r in chunk], device=device)
         parts.append(t.input[torch.arange(len(chunk), device=device), pos].float())  # (chunk, d_ff)
     return combine_keys(torch.cat(parts), reqs, len(facts), bare_weight)
+
+
+@torch.no_grad()
+def calibration_queries(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    arch: ModelArch | None = None,
+    max_len: int = 128,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """The gate's queries on generic text: (positions, d_ff) float32, for ``NeuralDB.calibrate``.
+
+    Every position the store's hook would gate (real tokens except the first of each
+    text) of each text truncated to ``max_len`` tokens; runs layers up to ``layer`` only.
+    Use text that no stored fact is about (and not the text you evaluate on)::
+
+        q = calibration_queries(model, tok, generic_texts, layer=db.layer)
+        db.calibrate(q, margin=0.05)
+    """
+    arch = arch or resolve_arch(model)
+    device = model_device(model)
+    enc = [list(tokenizer(t, add_special_tokens=True)["input_ids"])[:max_len] for t in texts]
+    enc = sorted((e for e in enc if len(e) > 1), key=len)  # little padding per batch
+    out = []
+    for start in range(0, len(enc), batch_size):
+        ids, mask = pad_batch(enc[start : start + batch_size], pad_id(tokenizer), device)
+        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        valid = mask.bool()
+        valid[:, 0] = False  # the attention-sink position never fires
+        out.append(t.input[valid].float())
+    if not out:
+        raise ValueError("calibration_queries: no text with at least two tokens")
+    return torch.cat(out)

@@ -85,14 +85,18 @@ class LinearReader:
     def __len__(self) -> int:
         return len(self.db)
 
+    def __contains__(self, fact_id: object) -> bool:
+        return fact_id in self.db
+
     @property
     def is_attached(self) -> bool:
         return self._saved is not None
 
-    def attach(self, model: nn.Module, *, layer: int | None = None) -> "LinearReader":
+    def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "LinearReader":
         if self._saved is not None:
             raise StoreError("this linear reader is already attached; call detach() first")
-        self.db.check_compatible(model, layer=layer)
+        if check:
+            self.db.check_compatible(model, layer=layer)
         module = get_module(model, self.db.module_name(model))
         delta = linear_delta(self.db.keys, self.db.residuals, c0=self.c0, lam=self.lam)  # (d_model, d_key)
         if type(module).__name__ == "Conv1D":  # GPT-2 stores the weight as (in, out)

@@ -25,6 +25,8 @@ the end of the function as at its beginning.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ from torch import nn
 from .arch import ModelArch, resolve_arch
 from .config import EditConfig
 from .facts import Fact, encode_completion, locate_subject
-from .keys import model_device, pad_batch, pad_id
+from .keys import model_device, pad_id
 from .nethook import TraceDict
 
 __all__ = ["compute_residuals", "ResidualInfo", "lm_logits"]
@@ -106,6 +108,29 @@ def _build(tokenizer: Any, facts: Sequence[Fact], templates: Sequence[str], kl_p
     return seqs
 
 
+def _aligned(seqs: Sequence[_Seq], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-pad so every subject's last token sits in one column ``s0``; right-pad the rest.
+
+    Returns (ids, mask) of shape (n_seq, width) and ``s0``. Positions count real tokens only.
+    """
+    s0 = max(s.subject_pos for s in seqs)
+    width = s0 + max(len(s.ids) - s.subject_pos for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        left = s0 - s.subject_pos
+        ids[r, left : left + len(s.ids)] = torch.tensor(s.ids)
+        mask[r, left : left + len(s.ids)] = 1
+    return ids.to(device), mask.to(device), s0
+
+
+def _copy_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """A private copy of the prefix cache restricted to ``rows`` (the cache is mutated by a forward)."""
+    sub = copy.deepcopy(cache)
+    sub.batch_select_indices(rows)
+    return sub
+
+
 def compute_residuals(
     model: nn.Module,
     tokenizer: Any,
@@ -115,56 +140,62 @@ def compute_residuals(
     templates: Sequence[str],
     config: EditConfig = EditConfig(),
     arch: ModelArch | None = None,
+    prefix_cache: bool = True,
 ) -> tuple[torch.Tensor, ResidualInfo]:
-    """Residuals (n_facts, d_model) float32 on the model's device, and per-fact info."""
+    """Residuals (n_facts, d_model) float32 on the model's device, and per-fact info.
+
+    Every sequence is laid out so that its subject's last token sits in one column
+    ``s0``. Nothing before ``s0`` depends on ``delta``, so with ``prefix_cache`` the
+    optimisation runs only columns ``s0..`` through the layers after ``layer``, with
+    the keys and values of the earlier columns cached from one unedited pass
+    (checked against the full pass; if the model's cache cannot do this, every
+    column is recomputed instead).
+    """
     arch = arch or resolve_arch(model)
     device = model_device(model)
     seqs = _build(tokenizer, facts, templates, config.kl_prompt)
     n = len(facts)
-    ids, mask = pad_batch([s.ids for s in seqs], pad_id(tokenizer), device)  # (n_seq, seq)
+    ids, mask, s0 = _aligned(seqs, pad_id(tokenizer), device)  # (n_seq, width)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)  # (n_seq, width) real-token positions
     rows = torch.arange(len(seqs), device=device)
-    subj = torch.tensor([s.subject_pos for s in seqs], device=device)
     owner = torch.tensor([s.fact for s in seqs], device=device)  # (n_seq,)
     is_kl = torch.tensor([s.kl for s in seqs], device=device)
 
-    # scored positions, flattened: (n_tok,) rows / positions / labels
+    def col(s: _Seq, p: int) -> int:  # a sequence position -> its column in the aligned layout
+        return p + s0 - s.subject_pos
+
+    # scored columns, flattened: (n_tok,) rows / columns / labels
     tok_row = torch.tensor([r for r, s in enumerate(seqs) if not s.kl for _ in s.target_pos], device=device)
-    tok_pos = torch.tensor([p for s in seqs if not s.kl for p in s.target_pos], device=device)
+    tok_col = torch.tensor([col(s, p) for s in seqs if not s.kl for p in s.target_pos], device=device)
     tok_lab = torch.tensor([t for s in seqs if not s.kl for t in s.target_ids], device=device)
     tok_w = torch.tensor(  # 1 / (#target tokens * #templates): per-fact mean over prompts of mean NLL
         [1.0 / (len(s.target_ids) * len(templates)) for s in seqs if not s.kl for _ in s.target_pos],
         device=device,
     )
     kl_rows = rows[is_kl]
-    kl_pos = torch.tensor([s.target_pos[0] for s in seqs if s.kl], device=device)
-
+    kl_col = torch.tensor([col(s, s.target_pos[0]) for s in seqs if s.kl], device=device)
+    base = getattr(model, "base_model", model)
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     layer_names = [arch.layer(i) for i in range(layer + 1)]
+
     with torch.no_grad():
         with TraceDict(model, [arch.layer(layer)]) as td:
-            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            full = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
         tuple_out = td[arch.layer(layer)].output_is_tuple
-        h = td[arch.layer(layer)].output.float()  # (n_seq, seq, d_model), cached layer-l output
-        p_orig = F.log_softmax(full[kl_rows, kl_pos].float(), dim=-1)  # (n_facts, vocab)
-        # the shortcut (base model + LM head at chosen positions) must match the full model
-        base_h = getattr(model, "base_model", model)(input_ids=ids[kl_rows], attention_mask=mask[kl_rows]).last_hidden_state
-        check = lm_logits(model, base_h[torch.arange(len(kl_rows), device=device), kl_pos]).float()
-        if not torch.allclose(check, full[kl_rows, kl_pos].float(), atol=1e-3, rtol=1e-3):
-            raise RuntimeError(
-                f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
-                "logits; this architecture post-processes logits in a way neuraldb does not know"
-            )
-        h_subj = h[rows, subj]  # (n_seq, d_model)
-        bare = torch.tensor([s.bare for s in seqs], device=device)
-        h_norm = h_subj[bare].norm(dim=1)  # (n_facts,) h at the bare prompt (ROME's target_init)
-    del full
+        h = td[arch.layer(layer)].output.float()  # (n_seq, width, d_model), cached layer-l output
+        p_orig = F.log_softmax(full[kl_rows, kl_col].float(), dim=-1)  # (n_facts, vocab)
+        h_norm = h[rows[torch.tensor([s.bare for s in seqs], device=device)], s0].norm(dim=1)  # ROME's target_init
+        want = full[tok_row, tok_col].float()
+        del full
+        start, cache = 0, None
+        if prefix_cache and s0 > 0:
+            try:  # keys and values of the columns before s0, which no delta can change
+                out = base(input_ids=ids[:, :s0], attention_mask=mask[:, :s0], position_ids=positions[:, :s0], use_cache=True)
+                cache = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
+                start = s0 if cache is not None and hasattr(cache, "batch_select_indices") else 0
+            except Exception as exc:  # noqa: BLE001 - a model without a usable cache: recompute every column
+                log.info("no prefix cache for %s (%s); recomputing every column", type(model).__name__, exc)
 
-    delta = torch.zeros(n, h.shape[-1], device=device, requires_grad=True)  # (n_facts, d_model)
-    opt = torch.optim.Adam([delta], lr=config.lr)
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    info = ResidualInfo(steps=[config.steps] * n)
-    last_loss = torch.zeros(n, device=device)
-    last_nll = torch.zeros(n, device=device)
-    max_norm = config.clamp_norm_factor * h_norm  # (n_facts,)
     state: dict[str, torch.Tensor] = {}
 
     def bypass(name: str):
@@ -176,25 +207,57 @@ def compute_residuals(
 
         return run
 
+    def forward(sel: torch.Tensor, h_edit: torch.Tensor, sub_cache: Any) -> torch.Tensor:
+        """Last hidden states (len(sel), width - start, d_model) with layer ``layer`` replaced by ``h_edit``."""
+        state["h"] = h_edit
+        kwargs = {cache_kw: sub_cache, "use_cache": True} if start else {"use_cache": False}
+        with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
+            return base(
+                input_ids=ids[sel, start:], attention_mask=mask[sel], position_ids=positions[sel, start:], **kwargs
+            ).last_hidden_state
+
+    with torch.no_grad():  # the shortcut (cached prefix, base model + LM head) must match the full pass
+        sub_cache = _copy_cache(cache, rows) if start else None
+        got = lm_logits(model, forward(rows, h[:, start:], sub_cache)[tok_row, tok_col - start]).float()
+        if start and not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+            log.info("prefix cache does not reproduce the full pass for %s; recomputing every column", type(model).__name__)
+            start = 0
+            got = lm_logits(model, forward(rows, h, None)[tok_row, tok_col]).float()
+        if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+            raise RuntimeError(
+                f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
+                "logits; this architecture post-processes logits in a way neuraldb does not know"
+            )
+        del got, want, sub_cache
+
+    delta = torch.zeros(n, h.shape[-1], device=device, requires_grad=True)  # (n_facts, d_model)
+    opt = torch.optim.Adam([delta], lr=config.lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    info = ResidualInfo(steps=[config.steps] * n)
+    last_loss = torch.zeros(n, device=device)
+    last_nll = torch.zeros(n, device=device)
+    max_norm = config.clamp_norm_factor * h_norm  # (n_facts,)
+    sel_key: tuple[int, ...] = ()
+    sub_cache = None
+
     with _frozen(model), torch.enable_grad():
         for step in range(config.steps):
             seq_on = active[owner]  # (n_seq,) sequences of facts still optimising
             sel = rows[seq_on]
+            if start and tuple(sel.tolist()) != sel_key:  # the active set changed: cut the cache again
+                sel_key, sub_cache = tuple(sel.tolist()), _copy_cache(cache, sel)
             remap = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
             remap[sel] = torch.arange(len(sel), device=device)
-            h_edit = h[sel].clone()
-            h_edit[torch.arange(len(sel), device=device), subj[sel]] += delta[owner[sel]]
-            state["h"] = h_edit
-            with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
-                out = getattr(model, "base_model", model)(
-                    input_ids=ids[sel], attention_mask=mask[sel], use_cache=False
-                ).last_hidden_state  # (n_sel, seq, d_model)
+            h_edit = h[sel, start:].clone()
+            h_edit[:, s0 - start] += delta[owner[sel]]
+            step_cache = copy.deepcopy(sub_cache) if start else None
+            out = forward(sel, h_edit, step_cache)  # (n_sel, width - start, d_model)
             tok_on = seq_on[tok_row]
-            logits = lm_logits(model, out[remap[tok_row[tok_on]], tok_pos[tok_on]]).float()  # (n_tok, vocab)
+            logits = lm_logits(model, out[remap[tok_row[tok_on]], tok_col[tok_on] - start]).float()  # (n_tok, vocab)
             tok_nll = F.cross_entropy(logits, tok_lab[tok_on], reduction="none") * tok_w[tok_on]
             nll = torch.zeros(n, device=device).index_add_(0, owner[tok_row[tok_on]], tok_nll)
             kl_on = active
-            lp = F.log_softmax(lm_logits(model, out[remap[kl_rows[kl_on]], kl_pos[kl_on]]).float(), dim=-1)
+            lp = F.log_softmax(lm_logits(model, out[remap[kl_rows[kl_on]], kl_col[kl_on] - start]).float(), dim=-1)
             kl = torch.zeros(n, device=device)
             kl[kl_on] = (p_orig[kl_on].exp() * (p_orig[kl_on] - lp)).sum(-1)
             wd = config.weight_decay * delta.norm(dim=1) / h_norm**2

@@ -12,8 +12,17 @@ Example::
 At every token position (except the attention-sink position, the first real
 token of each sequence, and padding) the input ``k`` of the MLP output
 projection is compared with every stored key; the residual of the most similar
-key is added to the projection's output when ``cos(k, k_j) > gamma``. Where the
-gate stays shut the output tensor is the original one, bit for bit.
+key ``j`` is added to the projection's output when ``cos(k, k_j) > max(gamma,
+thresholds[j])``. Where the gate stays shut the output tensor is the original
+one, bit for bit.
+
+Per-key thresholds (``thresholds``, -inf = the global ``gamma`` alone) raise the
+gate of keys that resemble generic text: :meth:`NeuralDB.calibrate` sets
+``thresholds[i] = max cos(q, k_i) + margin`` over calibration queries (e.g. the
+activations of unrelated text), so key ``i`` can no longer fire on any of them.
+Each key's threshold depends on that key alone, so adding, removing or updating
+one fact never changes another fact's gate. Without calibration the gate is
+exactly the paper's.
 """
 
 from __future__ import annotations
@@ -96,6 +105,7 @@ class NeuralDB:
         self.chunk_size = int(chunk_size)
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
+        self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
         self.ids: list[str] = []
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
@@ -137,10 +147,15 @@ class NeuralDB:
         residuals: torch.Tensor,
         *,
         facts: Sequence[Mapping[str, Any]] | None = None,
+        thresholds: torch.Tensor | Sequence[float] | None = None,
     ) -> None:
-        """Append facts. An id already in the store is an error (use :meth:`update`)."""
+        """Append facts. An id already in the store is an error (use :meth:`update`).
+
+        ``thresholds`` (n,) are per-key gate thresholds (see :meth:`calibrate`); None = -inf.
+        """
         ids = [str(i) for i in ids]
         keys, residuals = self._check_rows(keys, residuals, len(ids))
+        thresholds = self._check_thresholds(thresholds, len(ids))
         dup = [i for i in ids if i in self._index]
         if dup or len(set(ids)) != len(ids):
             raise StoreError(f"fact id(s) already present or repeated: {dup[:5] or ids}; use update() to replace")
@@ -149,6 +164,7 @@ class NeuralDB:
         start = len(self.ids)
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals])
+        self.thresholds = torch.cat([self.thresholds, thresholds])
         for j, fid in enumerate(ids):
             self._index[fid] = start + j
             self.ids.append(fid)
@@ -166,6 +182,7 @@ class NeuralDB:
         keep = torch.tensor([r for r in range(len(self.ids)) if r not in drop], dtype=torch.long)
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
+        self.thresholds = self.thresholds[keep]
         self.ids = [self.ids[r] for r in keep.tolist()]
         for i in ids:
             self.facts.pop(i, None)
@@ -179,23 +196,92 @@ class NeuralDB:
         key: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
         fact: Mapping[str, Any] | None = None,
+        threshold: float | None = None,
     ) -> None:
-        """Replace one fact's key and/or residual in place."""
+        """Replace one fact's key, residual and/or per-key threshold in place.
+
+        A new key without a new ``threshold`` resets the fact's threshold to -inf (the
+        global gamma): a threshold calibrated for the old key says nothing about the new one.
+        """
         if fact_id not in self._index:
             raise StoreError(f"unknown fact id {fact_id!r}; use add() for new facts")
         r = self._index[fact_id]
         k = self.keys[r : r + 1] if key is None else torch.as_tensor(key).reshape(1, -1)
         v = self.residuals[r : r + 1] if residual is None else torch.as_tensor(residual).reshape(1, -1)
         k, v = self._check_rows(k, v, 1)
+        if threshold is not None:
+            self.thresholds[r] = self._check_thresholds([threshold], 1)[0]
+        elif key is not None:
+            self.thresholds[r] = float("-inf")
         self.keys[r] = k[0]
         self.residuals[r] = v[0]
         if fact is not None:
             self.facts[fact_id] = dict(fact)
         self._changed()
 
-    def _changed(self) -> None:
+    def _check_thresholds(self, thresholds: Any, n: int) -> torch.Tensor:
+        if thresholds is None:
+            return torch.full((n,), float("-inf"))
+        t = torch.as_tensor(thresholds, dtype=torch.float32).detach().to("cpu").reshape(-1)
+        if t.shape != (n,):
+            raise StoreError(f"thresholds must have shape ({n},), got {tuple(t.shape)}")
+        if torch.isnan(t).any() or (t == float("inf")).any():
+            raise StoreError("thresholds must be numbers or -inf (found NaN or +inf)")
+        return t.clone()
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        queries: torch.Tensor,
+        *,
+        margin: float = 0.05,
+        ids: Sequence[str] | None = None,
+        chunk_size: int = 8192,
+    ) -> torch.Tensor:
+        """Per-key thresholds from calibration queries (activations of text no fact is about).
+
+        ``thresholds[i] = max_q cos(q, k_i) + margin`` for the facts ``ids`` (default: all),
+        so none of them fires on any calibration query again, and a query must be more
+        like key ``i`` than anything in the calibration text to fire it. Exact (a max
+        over all queries), deterministic, and per key: one fact's threshold never depends
+        on another fact. ``queries`` is (M, d_key), on any device. Returns the new
+        thresholds of the calibrated rows.
+        """
+        if not -2.0 <= margin <= 2.0:
+            raise StoreError(f"margin={margin} makes no sense for a cosine threshold")
+        rows = list(range(len(self))) if ids is None else [self._row(i) for i in ids]
+        q = torch.as_tensor(queries).detach().reshape(-1, self.d_key).float()
+        if q.shape[0] == 0:
+            raise StoreError("calibrate needs at least one query")
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        best = torch.full((len(rows),), float("-inf"))
+        for start in range(0, len(rows), chunk_size):
+            r = torch.tensor(rows[start : start + chunk_size], dtype=torch.long)
+            k = self.keys[r].to(q.device)
+            k = k / k.norm(dim=1, keepdim=True)
+            m = torch.full((len(r),), float("-inf"), device=q.device)
+            for qs in range(0, q.shape[0], chunk_size):
+                m = torch.maximum(m, (k @ q[qs : qs + chunk_size].T).max(dim=1).values)
+            best[start : start + len(r)] = m.cpu()
+        new = best + float(margin)
+        if rows:
+            self.thresholds[torch.tensor(rows, dtype=torch.long)] = new
+        self._changed(keep_stats=True)
+        return new
+
+    def _row(self, fact_id: str) -> int:
+        if fact_id not in self._index:
+            raise StoreError(f"unknown fact id {fact_id!r}")
+        return self._index[fact_id]
+
+    def gate_thresholds(self) -> torch.Tensor:
+        """(N,) the threshold each key's gate uses: ``max(gamma, thresholds)``."""
+        return self.thresholds.clamp_min(self.gamma)
+
+    def _changed(self, keep_stats: bool = False) -> None:
         self._dev.clear()
-        self.fires_per_fact = torch.zeros(len(self.ids), dtype=torch.long)
+        if not keep_stats:
+            self.fires_per_fact = torch.zeros(len(self.ids), dtype=torch.long)
 
     # ---------------------------------------------------------------- retrieval
     def _device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +291,23 @@ class NeuralDB:
                 "device": torch.empty(0, device=device),
                 "keys": keys / keys.norm(dim=1, keepdim=True),  # (N, d_key) unit rows
                 "residuals": self.residuals.to(device),
+                "gate": self.gate_thresholds().to(device),  # (N,) max(gamma, thresholds)
             }
         return self._dev["keys"], self._dev["residuals"]
+
+    @torch.no_grad()
+    def gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gate's decision for query rows (M, d_key): ``(fire, index, scores)``.
+
+        ``index``/``scores`` are :meth:`retrieve`'s exact top-1; ``fire`` (M,) bool is
+        ``scores > max(gamma, thresholds[index])``. Positions are not masked here (the
+        hook also skips the sink position and padding).
+        """
+        scores, index = self.retrieve(queries)
+        if len(self) == 0:
+            return torch.zeros_like(scores, dtype=torch.bool), index, scores
+        self._device_tensors(scores.device)
+        return scores > self._dev["gate"][index], index, scores
 
     @torch.no_grad()
     def retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,9 +372,9 @@ class NeuralDB:
         if len(self) == 0 or x.dim() != 3:
             return
         batch, seq, _ = x.shape
-        scores, index = self.retrieve(x.reshape(-1, self.d_key))  # (batch*seq,)
+        gate, index, scores = self.gate(x.reshape(-1, self.d_key))  # (batch*seq,)
         valid = self._valid_positions(batch, seq, x.device).reshape(-1)
-        fire = (scores > self.gamma) & valid  # (batch*seq,)
+        fire = gate & valid  # (batch*seq,)
         # counters stay on the device: no host sync in the hot path
         self._positions = self._positions.to(x.device) + valid.sum()
         self._fires = self._fires.to(x.device) + fire.sum()
@@ -417,6 +518,7 @@ class NeuralDB:
             "model_type": self.model_type,
             "fingerprint": self.fingerprint,
             "config": self.config,
+            "per_key_thresholds": bool(torch.isfinite(self.thresholds).any()),
             "ids": self.ids,
             "facts": [self.facts.get(i) for i in self.ids],
             "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -430,6 +532,8 @@ class NeuralDB:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"neuraldb": json.dumps(self.metadata(), ensure_ascii=False)}
         tensors = {"keys": self.keys.contiguous(), "residuals": self.residuals.contiguous()}
+        if torch.isfinite(self.thresholds).any():  # only then: files without them stay readable by older code
+            tensors["thresholds"] = self.thresholds.contiguous()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -470,7 +574,7 @@ class NeuralDB:
             )
         required = ("layer", "gamma", "d_key", "d_model", "ids")
         missing = [k for k in required if k not in meta]
-        if missing or set(tensors) != {"keys", "residuals"}:
+        if missing or not {"keys", "residuals"} <= set(tensors) <= {"keys", "residuals", "thresholds"}:
             raise StoreError(f"{path}: missing metadata field(s) {missing} or tensors {sorted(tensors)}")
         db = cls(
             layer=meta["layer"],
@@ -491,7 +595,11 @@ class NeuralDB:
                 f"{tensors['residuals'].shape[0]} residuals; the file is inconsistent"
             )
         facts = meta.get("facts") or [None] * n
-        db.add(meta["ids"], tensors["keys"], tensors["residuals"], facts=[f or {} for f in facts])
+        thresholds = tensors.get("thresholds")
+        if thresholds is not None and thresholds.shape != (n,):
+            raise StoreError(f"{path}: {n} fact ids but thresholds of shape {tuple(thresholds.shape)}")
+        db.add(meta["ids"], tensors["keys"], tensors["residuals"], facts=[f or {} for f in facts],
+               thresholds=thresholds)
         db.facts = {i: f for i, f in zip(db.ids, facts) if f}
         if model is not None:
             db.check_compatible(model, layer=layer)

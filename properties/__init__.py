@@ -1,0 +1,17 @@
+"""Property-based tests and measurements of NeuralDB's gate (issue 5).
+
+``pytest properties`` (``HYPOTHESIS_PROFILE=ci|dev|thorough``, default dev):
+
+* ``strategies.py``: fact sets (generated names, templated relations, unique subjects),
+  unrelated prompts (mention no stored subject), synthetic key sets (up to 100,000 x 1536).
+* ``test_store_properties.py``: exact top-1 vs brute force, recall at 100,000 keys,
+  add/remove/update independence, insertion order, batched == single, chunked ==
+  unchunked, save/load identity, monotonicity in gamma, bfloat16 storage.
+* ``test_model_properties.py``: SmolLM2 with CounterFact + generated keys: bit-identical
+  logits and zero fires on unrelated text, recall, real edits removed exactly, batching,
+  gamma, bfloat16, save/load with the model.
+
+``python -m properties.fire_rate``: the false-fire report (rate on unrelated text for N
+stored facts, worst offenders, paraphrase recall). ``python -m properties.study``: the
+measurement of candidate gate fixes that chose per-key calibration.
+"""

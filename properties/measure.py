@@ -98,9 +98,10 @@ def load_facts(source: str, *, n: int | None = None, offset: int = 0, data_dir: 
 
 # Generated facts: names from syllables, relations as templates; unique subjects by construction.
 SYLLABLES = (
-    "ka ro mi ten sa lu vor an del bri co fen ga hal is jor kel mar nor os pel qui ras sol tur ul "
-    "ven wil xan yor zel ber cas dor el fin gor hes ith jun kor lam mon nes or pra quin rud sen tor"
+    "ka ro mi ten sa lu vor del bri co fen ga hal jor kel mar nor pel qui ras sol tur ven wil "
+    "xan yor zel ber cas dor fin gor hes ith jun kor lam mon nes pra quin rud sen tor bel dag pim vos"
 ).split()
+assert len(SYLLABLES) == len(set(SYLLABLES)) == 48
 RELATIONS = (
     ("{} is located in the country of", ("France", "Japan", "Brazil", "Kenya", "Canada", "India")),
     ("The mother tongue of {} is", ("French", "Japanese", "Portuguese", "Swahili", "English", "Hindi")),
@@ -113,27 +114,24 @@ RELATIONS = (
 )
 
 
-def generated_name(i: int, *, words: int = 2) -> str:
-    """A deterministic, unique pseudo-name for index ``i`` (bijective base-len(SYLLABLES))."""
-    parts = []
+def generated_name(i: int) -> str:
+    """A deterministic, unique two-word pseudo-name for index ``i`` (``0 <= i < 48**5``).
+
+    ``i`` is scrambled by a bijection of ``range(48**5)`` (multiplication by a number prime to
+    it), then written in base 48 with syllables as digits: two syllables for the first word,
+    three for the second. Distinct indices give distinct names, and neighbouring indices
+    differ in every syllable, so last tokens are spread over the whole syllable set.
+    """
     base = len(SYLLABLES)
-    for w in range(words):
-        j, syl = i + w * 7919, []
-        for _ in range(2 + w):
-            syl.append(SYLLABLES[j % base])
-            j //= base
-        parts.append("".join(syl).capitalize())
-    # the index itself keeps names unique even where the syllable code wraps
-    return " ".join(parts) + ("" if i < base ** 2 else f" {_roman(i // base ** 2)}")
-
-
-def _roman(k: int) -> str:
-    out, vals = "", ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"), (50, "L"),
-                     (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"))
-    for v, s in vals:
-        while k >= v:
-            out, k = out + s, k - v
-    return out
+    space = base ** 5
+    if not 0 <= i < space:
+        raise ValueError(f"generated_name: index {i} outside [0, {space})")
+    j = (i * 1_000_003 + 12_345) % space  # 1_000_003 is prime and does not divide 48**5
+    digits = []
+    for _ in range(5):
+        digits.append(SYLLABLES[j % base])
+        j //= base
+    return "".join(digits[:2]).capitalize() + " " + "".join(digits[2:]).capitalize()
 
 
 def generated_facts(n: int, *, seed: int = 0, offset: int = 0) -> list[Fact]:

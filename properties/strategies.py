@@ -11,9 +11,9 @@ Example::
     @given(ks=key_sets(size=100_000, dim=1536))
     def test_store(ks): ks.keys, ks.residuals, ks.ids
 
-Every strategy is a small ``@st.composite`` with keyword-only options that are
-validated when the strategy is built (a bad option is a ``ValueError`` at import
-time of the test, not a confusing failure inside a test). Each docstring says
+Every public strategy takes keyword-only options, validates them, and returns a small
+``@st.composite`` strategy (so a bad option is a ``ValueError`` where the test is
+defined, not a confusing failure inside a test). Each docstring says
 how its examples shrink, so a failure reads as a minimal case.
 """
 
@@ -104,16 +104,14 @@ def relations(*, subject_first: bool | None = None) -> st.SearchStrategy[tuple[s
     return st.sampled_from(pool)
 
 
-@st.composite
 def fact_sets(
-    draw,
     *,
     min_size: int = 1,
     max_size: int = 10,
     subject_first: bool | None = None,
     with_paraphrases: bool = True,
     id_prefix: str = "fact",
-) -> list[Fact]:
+) -> st.SearchStrategy[list[Fact]]:
     """A list of :class:`neuraldb.Fact` with unique subjects (no subject inside another one).
 
     Subjects come from :func:`names`, prompts from :func:`relations`; ``target_new`` and
@@ -129,6 +127,13 @@ def fact_sets(
         raise ValueError("fact_sets: min_size must be >= 1 (a fact set is never empty)")
     if not isinstance(id_prefix, str) or not id_prefix:
         raise ValueError(f"fact_sets: id_prefix={id_prefix!r} must be a non-empty string")
+    relations(subject_first=subject_first)  # validates subject_first
+    return _fact_sets(min_size=min_size, max_size=max_size, subject_first=subject_first,
+                      with_paraphrases=with_paraphrases, id_prefix=id_prefix)
+
+
+@st.composite
+def _fact_sets(draw, *, min_size, max_size, subject_first, with_paraphrases, id_prefix) -> list[Fact]:
     subjects = draw(
         st.lists(names(), min_size=min_size, max_size=max_size, unique_by=str.lower).filter(_no_nesting)
     )
@@ -174,9 +179,7 @@ def _mentions(text: str, subjects: Sequence[str]) -> bool:
     return False
 
 
-@st.composite
 def unrelated_prompts(
-    draw,
     *,
     subjects: Sequence[str] = (),
     corpus: Sequence[str] | None = None,
@@ -184,7 +187,7 @@ def unrelated_prompts(
     max_words: int = 40,
     min_size: int = 1,
     max_size: int = 4,
-) -> list[str]:
+) -> st.SearchStrategy[list[str]]:
     """A list of texts that mention none of ``subjects`` (not even one word of a subject).
 
     Each text is either words drawn from :data:`COMMON_WORDS` (everyday English, punctuation
@@ -202,6 +205,11 @@ def unrelated_prompts(
         raise ValueError("unrelated_prompts: corpus has no passage with words")
     subjects = [s for s in subjects if s.strip()]
     passages = [p.split() for p in corpus if p.split()] if corpus is not None else None
+    return _unrelated_prompts(subjects, passages, min_words, max_words, min_size, max_size)
+
+
+@st.composite
+def _unrelated_prompts(draw, subjects, passages, min_words, max_words, min_size, max_size) -> list[str]:
 
     def one() -> st.SearchStrategy[str]:
         words = st.lists(st.sampled_from(COMMON_WORDS), min_size=min_words, max_size=max_words).map(_join)
@@ -274,9 +282,7 @@ def make_keys(n: int, dim: int, *, seed: int, structure: str) -> torch.Tensor:
     raise ValueError(f"unknown key structure {structure!r}; choose one of {KEY_STRUCTURES}")
 
 
-@st.composite
 def key_sets(
-    draw,
     *,
     size: int | None = None,
     min_size: int = 1,
@@ -284,7 +290,7 @@ def key_sets(
     dim: int = 64,
     d_model: int = 16,
     structures: Sequence[str] = KEY_STRUCTURES,
-) -> KeySet:
+) -> st.SearchStrategy[KeySet]:
     """A :class:`KeySet` of ``size`` keys (or between ``min_size`` and ``max_size``) of ``dim`` dims.
 
     The tensors are generated from a drawn seed (Hypothesis never draws 10^8 floats one by
@@ -303,6 +309,11 @@ def key_sets(
     bad = [s for s in structures if s not in KEY_STRUCTURES]
     if bad or not structures:
         raise ValueError(f"key_sets: unknown structure(s) {bad}; choose from {KEY_STRUCTURES}")
+    return _key_sets(min_size, max_size, dim, d_model, tuple(structures))
+
+
+@st.composite
+def _key_sets(draw, min_size, max_size, dim, d_model, structures) -> KeySet:
     n = draw(st.integers(min_size, max_size))
     seed = draw(st.integers(0, 2**31 - 1))
     structure = draw(st.sampled_from(list(structures)))

@@ -1,0 +1,124 @@
+"""Forward-pass overhead of the gated store: 0, 1K, 10K, 100K stored facts vs the unedited model.
+
+Usage::
+
+    python benchmarks/retrieval_overhead.py [--sizes 0,1000,10000,100000] [--batch 32 --tokens 16] [--device cuda]
+
+Input: ``--batch`` LAMBADA passages (data dir) truncated to ``--tokens`` tokens
+(shape stated in the output). Keys: the model's own MLP-projection inputs at
+layer ``--layer`` on random token sequences (the right dimension and scale; keys
+from real facts behave alike for cost), residuals random. For each size the
+store is attached and the forward pass timed (warm-up, then the median of
+``--reps``); the gate's decisions are checked against brute-force top-1 cosine.
+Also prints memory per stored fact and the store's file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import neuraldb
+from _common import add_model_arguments, device_name, load, synchronizer
+from neuraldb import NeuralDB, Trace
+from neuraldb.keys import model_device
+from neuraldb.retrieval import top1, unit_rows
+
+
+@torch.no_grad()
+def synthetic_keys(model, n: int, *, layer: int, seed: int = 0, seq: int = 32, batch: int = 64) -> torch.Tensor:
+    arch = neuraldb.resolve_arch(model)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out, have = [], 0
+    while have < n:
+        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(model_device(model))
+        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
+            model(input_ids=ids, use_cache=False)
+        k = t.input[:, 1:].reshape(-1, t.input.shape[-1]).float().cpu()  # skip position 0
+        out.append(k)
+        have += k.shape[0]
+    return torch.cat(out)[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(ap)
+    ap.add_argument("--sizes", default="0,1000,10000,100000")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--data-dir", default=os.environ.get("NEURALDB_DATA_DIR"))
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    model, tok = load(args)
+    arch = neuraldb.resolve_arch(model)
+    layer = args.layer if args.layer is not None else arch.default_layer
+    lines = (Path(args.data_dir) / "lambada_openai" / "lambada_test.jsonl").read_text().splitlines()
+    texts = [json.loads(x)["text"] for x in lines[: args.batch]]
+    enc = tok(texts, return_tensors="pt", truncation=True, max_length=args.tokens, padding=True).to(model.device)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    keys = synthetic_keys(model, max(sizes + [1]), layer=layer)
+    sync = synchronizer(args.device)
+
+    def timed() -> float:
+        ts = []
+        for _ in range(args.reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(**enc)
+            sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts[1:])
+
+    with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False) as t:
+        with torch.no_grad():
+            model(**enc)
+    queries = unit_rows(t.input.reshape(-1, t.input.shape[-1]))  # every position, for the exactness check
+    base = timed()
+    dev = device_name(args.device)
+    print(f"device: {dev}; model {args.model}, layer {layer}; input {tuple(enc.input_ids.shape)} (batch, tokens)")
+    print(f"{'facts':>8} | {'median ms':>9} | {'x unedited':>10} | fires | decisions == brute force | bytes/fact | file MB")
+    print(f"{'none':>8} | {1000 * base:9.1f} | {1.0:10.2f} |")
+    results = {"device": dev, "shape": list(enc.input_ids.shape), "unedited_ms": 1000 * base, "sizes": {}}
+    d_model = model.get_input_embeddings().weight.shape[1]
+    for n in sizes:
+        db = NeuralDB(layer=layer, d_key=keys.shape[1], d_model=d_model, gamma=0.65, module_template=arch.mlp_out,
+                      residual_template=arch.residual_out)
+        if n:
+            db.add([str(i) for i in range(n)], keys[:n], torch.randn(n, d_model))
+        with db.attached(model):
+            ms = timed()
+            db.reset_stats()
+            with torch.no_grad():
+                model(**enc)
+            fired = db.last_fire_mask.reshape(-1).cpu() if n else torch.zeros(0, dtype=torch.bool)
+            fires = db.stats()["fires"]
+        if n:
+            s, i = top1(queries, unit_rows(db.keys).to(queries.device))
+            valid = enc.attention_mask.bool().clone()
+            valid[:, 0] = False
+            same = torch.equal(fired, ((s > db.gamma).cpu() & valid.reshape(-1).cpu()))
+        else:
+            same = True
+        with tempfile.TemporaryDirectory() as tmp:
+            size = db.save(Path(tmp) / "s.safetensors").stat().st_size
+        per_fact = (db.keys.element_size() * db.d_key + db.residuals.element_size() * db.d_model)
+        print(f"{n:>8} | {1000 * ms:9.1f} | {ms / base:10.2f} | {fires:5d} | {str(same):>24} | {per_fact:10d} | {size / 1e6:7.1f}")
+        results["sizes"][n] = {"ms": 1000 * ms, "ratio": ms / base, "fires": fires, "exact": same, "file_bytes": size}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

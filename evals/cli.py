@@ -1,0 +1,146 @@
+"""The ``neuraldb`` sub-commands that live in ``evals`` (found by ``neuraldb/cli.py``).
+
+Example::
+
+    neuraldb evaluate --model smollm2-135m --dataset counterfact --n 100 --output-dir reports/cf100
+    neuraldb evaluate --model smollm2-135m --dataset zsre --n 200 --split train --store zsre.safetensors
+    neuraldb compare reports/cf100/report.json reports/cf100-gamma075/report.json
+
+Each sub-command ``NAME`` is a pair ``add_NAME_arguments(parser)`` / ``run_NAME(args) -> int``
+(exit code); append new ones (``gate``, ``study``) as another pair below. Errors that are the
+user's (bad input, missing file) are raised as ``ValueError``/``FileNotFoundError`` and turned
+into exit code 2 by ``neuraldb.cli.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_compare_arguments", "add_evaluate_arguments", "run_compare", "run_evaluate"]
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="built-in alias or local model directory")
+    p.add_argument("--dataset", default="counterfact", help="counterfact, zsre, or a CounterFact/zsRE file")
+    p.add_argument("--split", default="eval", help="data-dir split for a dataset name: eval (default) or train")
+    p.add_argument("--n", type=int, default=100, help="edit and evaluate the first N cases (default 100)")
+    p.add_argument("--store", help="evaluate this saved store (its facts among the dataset's) instead of editing")
+    p.add_argument("--output-dir", help="report.json/report.md, the resumable case log and the edit checkpoint")
+    p.add_argument("--data-dir", help="data folder (default $NEURALDB_DATA_DIR)")
+    p.add_argument("--layer", type=int, default=None, help="edit layer (default: the family's)")
+    p.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the store's / 0.65)")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
+    p.add_argument("--edit-batch-size", type=int, default=16, help="facts optimised together when editing")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="metric names, space or comma separated (default: all of the dataset's)")
+    p.add_argument("--general-tasks", default=None, help="'all' or a comma list: mmlu,sciq,commonsense_qa,...")
+    p.add_argument("--general-limit", type=int, default=None, help="examples per general task")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="fluency sampling seed")
+    p.add_argument("--confidence", type=float, default=0.95, help="of every interval (default 0.95)")
+    p.add_argument("--fluency-prompts", type=int, default=None, help="generation prompts per case (default all)")
+    p.add_argument("--fluency-tokens", type=int, default=None,
+                   help="new tokens per generation (default: ROME's 100-token total length)")
+    p.add_argument("--consistency-dir", default=None,
+                   help="folder with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_cases(args: argparse.Namespace) -> Any:
+    from evals.datasets import load_any, load_counterfact, load_zsre
+
+    name = args.dataset.lower()
+    if name in ("counterfact", "zsre"):
+        loader = load_counterfact if name == "counterfact" else load_zsre
+        return loader(data_dir=args.data_dir, split=args.split, limit=args.n, skip_invalid=True)
+    if not Path(args.dataset).is_file():
+        raise FileNotFoundError(f"--dataset {args.dataset!r} is neither counterfact, zsre nor a file")
+    return load_any(args.dataset, limit=args.n, skip_invalid=True)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import neuraldb
+    from evals import report as rep
+    from evals.evaluate import evaluate
+
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    out = Path(args.output_dir) if args.output_dir else None
+    t0 = time.perf_counter()
+    model, tok = neuraldb.load_model(args.model, dtype=args.dtype, device=args.device)
+    load_s = time.perf_counter() - t0
+    edit_s = None
+    if args.store:
+        db = neuraldb.NeuralDB.load(args.store, model=model)
+        if args.gamma is not None:
+            db.gamma = args.gamma
+        dataset: Any = args.dataset
+    else:
+        dataset = _load_cases(args)
+        if len(dataset) < args.n:
+            print(f"note: only {len(dataset)} cases available ({dataset.report.summary()}); "
+                  "a larger split may be --split train")
+        kw = {} if args.gamma is None else {"gamma": args.gamma}
+        config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, **kw)
+        checkpoint = out / "store.safetensors" if out else None
+        t1 = time.perf_counter()
+        db = neuraldb.edit(model, tok, [c.fact for c in dataset], config=config, checkpoint=checkpoint,
+                           progress=not args.quiet)
+        edit_s = time.perf_counter() - t1
+    report = evaluate(
+        model, db, tokenizer=tok, dataset=dataset, limit=args.n, metrics=args.metrics and _csv(",".join(args.metrics)),
+        batch_size=args.batch_size, output_dir=out, data_dir=args.data_dir, general_tasks=args.general_tasks,
+        general_limit=args.general_limit, seed=args.seed, confidence=args.confidence, progress=not args.quiet,
+        split=args.split, generation_prompts=args.fluency_prompts, generation_tokens=args.fluency_tokens,
+        consistency_files=args.consistency_dir,
+    )
+    report["timings"] = {"load_model": load_s, **({"edit_this_call": edit_s} if edit_s is not None else {}),
+                         **report["timings"]}
+    report["config"]["cli"] = {k: v for k, v in vars(args).items() if k != "func"}
+    if out is not None:
+        json_path, md_path = rep.write_report(rep.clean_json(report), out)
+    print(rep.render_text(report))
+    if out is not None:
+        print(f"report: {json_path} and {md_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="report.json (or the folder holding it): the reference")
+    p.add_argument("b", help="report.json (or folder) to compare with A")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from evals import report as rep
+
+    a, b = rep.load_report(args.a), rep.load_report(args.b)
+    cmp = rep.compare_reports(a, b)
+    if args.json:
+        print(json.dumps(rep.clean_json(cmp), indent=1, ensure_ascii=False))
+    else:
+        print(f"A: {args.a}\nB: {args.b}")
+        print(rep.render_comparison(cmp))
+    return 0
+
+
+# sub-commands that live in their own modules (discovered by neuraldb.cli)
+from evals.gate import add_gate_arguments, run_gate  # noqa: E402,F401  (`neuraldb gate`)
+from evals.study import add_study_arguments, run_study_cli as run_study  # noqa: E402,F401  (`neuraldb study`)
+
+__all__ += ["add_gate_arguments", "run_gate", "add_study_arguments", "run_study"]

@@ -1,0 +1,199 @@
+"""Scaling study: the gated reader vs the linear reader on the same store, at several sizes.
+
+Example::
+
+    neuraldb study --model smollm2-135m --sizes 100,500,1000,2000 --output-dir reports/study
+    python -m evals.study --sizes 100,500 --eval-cases 50 --general-limit 20
+
+Residuals are computed on the unedited model, so facts are independent: the
+largest size is edited once (checkpointed in ``output_dir/store.safetensors``, so an
+interrupted run resumes) and each smaller size is a prefix of that store. For each
+size and reader the first ``eval_cases`` edited cases are evaluated with
+``neuraldb.evaluate`` (ES / PS / NS, and the general tasks with a small limit),
+pre and post, with every fact of that size in the store. The linear reader writes
+the same keys and residuals into the layer's weight in closed form (MEMIT,
+METHOD.md section 7) with ``C0`` estimated on LAMBADA passages. Results:
+``study.json``, ``study.md`` and ``study.png`` in ``output_dir``; each (size, reader)
+evaluation is its own resumable run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_study", "add_study_arguments", "run_study_cli"]
+
+_KEYS = ("efficacy", "generalization", "specificity")
+
+
+def _prefix(db: Any, n: int) -> Any:
+    from neuraldb import NeuralDB
+
+    sub = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=db.d_model, gamma=db.gamma,
+                   module_template=db.module_template, residual_template=db.residual_template,
+                   model_name=db.model_name, model_type=db.model_type, fingerprint=db.fingerprint, config=db.config)
+    sub.add(db.ids[:n], db.keys[:n], db.residuals[:n], facts=[db.facts.get(i, {}) for i in db.ids[:n]])
+    return sub
+
+
+def _generic_texts(data_dir: str | os.PathLike | None, n: int) -> list[str]:
+    root = Path(data_dir or os.environ.get("NEURALDB_DATA_DIR", ""))
+    path = root / "lambada_openai" / "lambada_test.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"C0 needs generic text: {path} not found; set NEURALDB_DATA_DIR or --data-dir")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(x)["text"] for x in lines[-n:]]  # the last passages: disjoint from the general-task sample
+
+
+def run_study(
+    model: Any,
+    tokenizer: Any,
+    *,
+    sizes: Sequence[int] = (100, 500, 1000, 2000),
+    readers: Sequence[str] = ("gated", "linear"),
+    eval_cases: int = 100,
+    general_tasks: Sequence[str] | str | None = None,
+    general_limit: int | None = 20,
+    output_dir: str | os.PathLike = "reports/study",
+    data_dir: str | os.PathLike | None = None,
+    config: Any = None,
+    lam: float = 15000.0,
+    c0_texts: int = 200,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Edit ``max(sizes)`` CounterFact facts once, evaluate both readers at every size."""
+    import neuraldb
+    from neuraldb.linear import LinearReader, estimate_c0
+
+    from .datasets import load_counterfact
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = sorted(int(s) for s in sizes)
+    cases = load_counterfact(data_dir=data_dir, limit=sizes[-1])
+    if len(cases) < sizes[-1]:
+        raise ValueError(f"only {len(cases)} CounterFact cases available for size {sizes[-1]}")
+    t0 = time.perf_counter()
+    db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config,
+                       checkpoint=out / "store.safetensors", checkpoint_every=4, progress=progress)
+    edit_s = time.perf_counter() - t0
+    c0 = estimate_c0(model, tokenizer, _generic_texts(data_dir, c0_texts), layer=db.layer,
+                     module_template=db.module_template) if "linear" in readers else None
+    rows = []
+    for n in sizes:
+        sub = _prefix(db, n)
+        for reader_name in readers:
+            reader = sub if reader_name == "gated" else LinearReader(sub, c0=c0, lam=lam)
+            report = neuraldb.evaluate(
+                model, reader, tokenizer=tokenizer, dataset=list(cases[: min(n, eval_cases)]),
+                metrics=list(_KEYS), batch_size=batch_size, output_dir=out / f"{reader_name}-{n}",
+                general_tasks=general_tasks, general_limit=general_limit, data_dir=data_dir, progress=progress,
+            )
+            row = {"size": n, "reader": reader_name, "eval_cases": min(n, eval_cases)}
+            for k in _KEYS:
+                m = report["metrics"][k]
+                row[k] = {"pre": m["pre"]["mean"], "post": m["post"]["mean"], "post_ci": m["post"].get("ci")}
+            if report.get("general"):
+                row["general"] = {
+                    t: {"before": v.get("before"), "after": v.get("after"), "identical": v.get("identical_fraction"),
+                        "fire_rate": (v.get("gate") or {}).get("rate")}
+                    for t, v in (report["general"].get("tasks") or {}).items()
+                }
+            rows.append(row)
+            log.info("size %d %s: %s", n, reader_name, {k: row[k]["post"] for k in _KEYS})
+    result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
+              "edit_seconds": edit_s, "facts": len(db), "rows": rows}
+    (out / "study.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / "study.png")
+    (out / "study.md").write_text(render_markdown(result))
+    return result
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Scaling study: gated vs linear reader ({result['model']}, layer {result['layer']}, gamma {result['gamma']})",
+        "",
+        f"{result['facts']} CounterFact facts edited once in {result['edit_seconds']:.0f} s; each size is a prefix "
+        f"of that store. Post-edit scores in percent (pre-edit in brackets) on the first edited cases.",
+        "",
+        "| facts | reader | cases | efficacy (ES) | generalization (PS) | specificity (NS) | general tasks (before -> after) |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        general = "; ".join(
+            f"{t} {v['before']:.3f}->{v['after']:.3f}" for t, v in (r.get("general") or {}).items()
+            if v.get("before") is not None and v.get("after") is not None
+        )
+        cells = " | ".join(f"{r[k]['post']:.1f} ({r[k]['pre']:.1f})" for k in _KEYS)
+        lines.append(f"| {r['size']} | {r['reader']} | {r['eval_cases']} | {cells} | {general or '-'} |")
+    lines += ["", "![scaling](study.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, key in zip(axes, _KEYS):
+        for reader, style in (("gated", "o-"), ("linear", "s--")):
+            pts = [(r["size"], r[key]["post"]) for r in result["rows"] if r["reader"] == reader]
+            if pts:
+                ax.plot(*zip(*pts), style, label=reader)
+        ax.set_xscale("log")
+        ax.set_title(key)
+        ax.set_xlabel("facts in the store")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("post-edit score (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sizes", default="100,500,1000,2000")
+    p.add_argument("--readers", default="gated,linear")
+    p.add_argument("--eval-cases", type=int, default=100)
+    p.add_argument("--general-tasks", default=None, help="'all' or a comma list (small limit)")
+    p.add_argument("--general-limit", type=int, default=20)
+    p.add_argument("--output-dir", default="reports/study")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--lam", type=float, default=15000.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+
+
+def run_study_cli(args: argparse.Namespace) -> int:
+    import neuraldb
+
+    model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
+    result = run_study(
+        model, tok, sizes=[int(s) for s in args.sizes.split(",")], readers=args.readers.split(","),
+        eval_cases=args.eval_cases, general_tasks=args.general_tasks, general_limit=args.general_limit,
+        output_dir=args.output_dir, data_dir=args.data_dir, config=neuraldb.EditConfig(layer=args.layer),
+        lam=args.lam, batch_size=args.batch_size,
+    )
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    parser = argparse.ArgumentParser(description="scaling study: gated vs linear reader")
+    add_study_arguments(parser)
+    raise SystemExit(run_study_cli(parser.parse_args()))

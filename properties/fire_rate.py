@@ -1,0 +1,363 @@
+"""False-fire report: how often the gate fires on unrelated text, and paraphrase recall.
+
+Run::
+
+    python -m properties.fire_rate                       # 2,000 CounterFact facts, LAMBADA, both gates
+    python -m properties.fire_rate --n 10000 --gamma 0.6 0.65 --passages 0:2576 \
+        --calib-text default lambada@2576:            # calibrate on other passages than the evaluated ones
+    python -m properties.fire_rate --n 100000 --fill generated --device cuda
+    python -m properties.fire_rate --facts my_facts.json --text my_text.txt --calibrate no
+
+Firing depends on keys only, so no residual is optimised: the store holds each fact's key
+(computed as ``neuraldb.edit`` computes it, same context templates and ``bare_weight``)
+with a zero residual. Keys are computed in shards with a progress bar and cached in
+safetensors files (``--cache-dir``, default ``$NEURALDB_CACHE/keys`` or
+``~/.cache/neuraldb/keys``), so a second run costs only the text's forward passes.
+
+What it prints:
+  * false fires on the unrelated text (default: LAMBADA from the data dir,
+    ``$NEURALDB_DATA_DIR`` or ``--data-dir``): gated positions (every real token but the
+    first of each passage), fires, rate, and the worst offenders (fact, token, score).
+    Fires on a passage that mentions the fired fact's subject, or a word of it (a text
+    about "Mr. Henderson" for the fact about "Erin Henderson"), are counted apart: that
+    text is not unrelated to the fact;
+  * paraphrase recall, when the facts have paraphrases: a paraphrase counts as
+    recalled when ANY of its positions fires its own fact (``recall_any``) and, more
+    strictly, when the subject's last token does (``recall_subject``);
+  * edit-prompt recall (the fact's own prompt, any position).
+
+Two gates are measured on the same activations: the paper's (global ``--gamma`` only) and
+the calibrated one (per-key thresholds, ``NeuralDB.calibrate(margin=--margin)``). Held-out
+protocol: thresholds are fitted on calibration text (``--calib-text``, default SciQ
+support passages + MMLU questions from the data dir), never on the evaluated passages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from neuraldb import Fact, NeuralDB, Trace, resolve_arch
+from neuraldb.keys import pad_batch, pad_id
+
+from .measure import (default_data_dir, generated_facts, group_keys, keyable, load_facts, load_passages,
+                      subject_last_positions)
+
+log = logging.getLogger("properties.fire_rate")
+
+
+def calibration_texts(data_dir: Path, path: str | None = None, limit: int | None = None) -> list[str]:
+    """Generic text for per-key thresholds: a file (one passage a line / JSONL), or SciQ + MMLU."""
+    if path:
+        return load_passages(path, limit=limit)
+    out = []
+    sciq, mmlu = data_dir / "sciq" / "sciq_test.jsonl", data_dir / "mmlu" / "mmlu_test.jsonl"
+    if sciq.is_file():
+        out += [t for t in (json.loads(x).get("support", "") for x in open(sciq, encoding="utf-8")) if t.strip()]
+    if mmlu.is_file():
+        out += [json.loads(x)["question"] for x in open(mmlu, encoding="utf-8")][::5]
+    if not out:
+        raise FileNotFoundError(f"no calibration text in {data_dir} (sciq/, mmlu/); pass --calib-text FILE")
+    return out[:limit] if limit else out
+
+
+@torch.no_grad()
+def gated_queries(model, tok, texts: Sequence[str], *, layer: int, max_len: int, batch_size: int,
+                  subjects: Sequence[str | None] | None = None, progress: bool = False, desc: str = "text"):
+    """Yield (rows, acts (b, t, d), valid (b, t), ids (b, t), subj_pos (b,)) per batch.
+
+    ``valid`` is what the store's hook gates: real tokens except the first of each text.
+    """
+    from tqdm.auto import tqdm
+
+    arch = resolve_arch(model)
+    device = next(model.parameters()).device
+    enc, spos = [], []
+    for i, t in enumerate(texts):
+        if subjects is not None and subjects[i]:
+            ids, p = subject_last_positions(tok, t, subjects[i])
+        else:
+            ids, p = tok(t)["input_ids"], None
+        enc.append(list(ids)[:max_len]), spos.append(-1 if p is None or p >= max_len else p)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, mininterval=5):
+        rows = order[start: start + batch_size]
+        ids, mask = pad_batch([enc[r] for r in rows], pad_id(tok), device)
+        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        valid = mask.bool().clone()
+        valid[:, 0] = False
+        yield rows, t.input, valid, ids, torch.tensor([spos[r] for r in rows], device=device)
+
+
+def build_store(model, tok, facts: list[Fact], *, layer: int, gamma: float, bare_weight: float,
+                cache_dir: str | None, progress: bool, templates: list[str] | None = None,
+                ) -> tuple[NeuralDB, list[Fact], dict[str, Any]]:
+    import neuraldb
+    from neuraldb import EditConfig
+
+    cfg = EditConfig(layer=layer, gamma=gamma, bare_weight=bare_weight)
+    if templates is None:  # what neuraldb.edit generates for the default config
+        templates = neuraldb.context_templates(model, tok, prefixes=cfg.context_prefixes,
+                                               length=cfg.context_length, seed=cfg.context_seed)
+    t0 = time.perf_counter()
+    gen = [f for f in facts if f.id.startswith("gen-")]  # generated facts are keyable by construction
+    kept, skipped = keyable(tok, [f for f in facts if not f.id.startswith("gen-")], templates)
+    kept += gen
+    groups = group_keys(model, tok, kept, layer=layer, templates=templates, cache_dir=cache_dir, progress=progress)
+    keys = groups.combine(bare_weight)
+    arch = resolve_arch(model)
+    d_model = model.get_input_embeddings().weight.shape[1]
+    db = NeuralDB(layer=layer, d_key=keys.shape[1], d_model=d_model, gamma=gamma, module_template=arch.mlp_out,
+                  residual_template=arch.residual_out, config=cfg.to_dict() | {"context_templates": templates})
+    db.add([f.id for f in kept], keys, torch.zeros(len(kept), d_model))
+    info = {"facts": len(kept), "skipped": len(skipped), "keys_s": round(time.perf_counter() - t0, 1),
+            "templates": templates}
+    return db, kept, info
+
+
+def _slice(spec: str | None) -> tuple[int, int | None]:
+    if not spec:
+        return 0, None
+    lo, _, hi = spec.partition(":")
+    return int(lo or 0), (int(hi) if hi else None)
+
+
+def load_text_spec(spec: str, data_dir: Path) -> list[str]:
+    """``default`` (SciQ + MMLU), ``lambada[@START:END]``, or ``FILE[@START:END]``."""
+    name, _, sl = spec.partition("@")
+    lo, hi = _slice(sl)
+    if name == "default":
+        return calibration_texts(data_dir)[lo:hi]
+    path = None if name == "lambada" else name
+    texts = load_passages(path, data_dir=data_dir)
+    return texts[lo:hi]
+
+
+class Gate:
+    """One gate configuration measured on the same activations: a gamma, with or without thresholds."""
+
+    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool):
+        self.db = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=1, gamma=gamma)
+        self.db.keys, self.db.ids, self.db._index = db.keys, db.ids, db._index
+        self.db.residuals = torch.zeros(len(db), 1)
+        self.db.thresholds = db.thresholds.clone() if calibrated else torch.full((len(db),), float("-inf"))
+        self.name = f"gamma={gamma}" + (" +per-key thresholds" if calibrated else " (global gamma only)")
+        self.gamma, self.calibrated = gamma, calibrated
+        self.fires = self.mentions = self.words = 0
+        self.worst: list[tuple[float, str, str, int, int]] = []
+        self.per_fact: dict[str, int] = {}
+        self.recall: dict[str, dict[str, Any]] = {}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import neuraldb
+
+    from .strategies import _mentions
+
+    torch.set_grad_enabled(False)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    t_start = time.perf_counter()
+    if args.model_gguf:  # DIR:FILE of a (possibly truncated) GGUF, for machines without the model cache
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        d, f = args.model_gguf.split(":", 1)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval().to(args.device)
+        tok = AutoTokenizer.from_pretrained(d)
+        tok.pad_token = tok.pad_token or tok.eos_token
+    else:
+        model, tok = neuraldb.load_model(args.model, device=args.device)
+    layer = args.layer if args.layer is not None else resolve_arch(model).default_layer
+
+    facts = load_facts(args.facts, n=args.n, data_dir=data_dir)
+    if args.fill and args.n and len(facts) < args.n:
+        facts = facts + generated_facts(args.n - len(facts), seed=args.seed)
+    real = {f.id for f in facts if not f.id.startswith("gen-")}
+    templates = json.loads(Path(args.templates).read_text()) if args.templates else None
+    gammas = args.gamma
+    db, facts, info = build_store(model, tok, facts, layer=layer, gamma=min(gammas), bare_weight=args.bare_weight,
+                                  cache_dir=args.cache_dir, progress=not args.quiet, templates=templates)
+    report: dict[str, Any] = {"model": args.model_gguf or args.model, "layer": layer, "gammas": gammas,
+                              "bare_weight": args.bare_weight, "facts_source": args.facts,
+                              "stored": len(db), "real_facts": len(real & set(db.ids)), **info}
+
+    gates = [] if args.calibrate == "only" else [Gate(db, g, False) for g in gammas]
+    if args.calibrate in ("yes", "only"):
+        t0 = time.perf_counter()
+        texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir)]
+        acts = []
+        for _, a, valid, _, _ in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
+                                               batch_size=args.batch_size, progress=not args.quiet, desc="calib"):
+            acts.append(a[valid].float())
+        q = torch.cat(acts)
+        db.calibrate(q, margin=args.margin)
+        report["calibration"] = {"text": args.calib_text, "texts": len(texts), "positions": int(q.shape[0]),
+                                 "margin": args.margin, "seconds": round(time.perf_counter() - t0, 1),
+                                 "raised": {str(g): int((db.thresholds > g).sum()) for g in gammas}}
+        del q, acts
+        gates += [Gate(db, g, True) for g in gammas]
+
+    # ---- unrelated text
+    t0 = time.perf_counter()
+    lo, hi = _slice(args.passages)
+    passages = load_passages(args.text, data_dir=data_dir)[lo:hi]
+    subj_of = {f.id: f.subject for f in facts}
+    positions = 0
+    for rows, a, valid, ids, _ in gated_queries(model, tok, passages, layer=layer, max_len=args.max_len,
+                                                batch_size=args.batch_size, progress=not args.quiet, desc="text"):
+        positions += int(valid.sum())
+        flat = a.reshape(-1, a.shape[-1])
+        for g in gates:
+            fire, index, scores = g.db.gate(flat)
+            fire = (fire.reshape(valid.shape) & valid).cpu()
+            index, scores = index.reshape(valid.shape).cpu(), scores.reshape(valid.shape).cpu()
+            for b, t in fire.nonzero().tolist():
+                fid = db.ids[int(index[b, t])]
+                text = passages[rows[b]]
+                if subj_of[fid].lower() in text.lower():
+                    g.mentions += 1
+                elif _mentions(text, [subj_of[fid]]):  # a word of the subject ("Henderson" of "Erin Henderson")
+                    g.words += 1
+                else:
+                    g.fires += 1
+                    g.per_fact[fid] = g.per_fact.get(fid, 0) + 1
+                    g.worst.append((float(scores[b, t]), fid, tok.decode([int(ids[b, t])]), lo + rows[b], t))
+    report["unrelated"] = {"text": args.text or "LAMBADA (lambada_openai/lambada_test.jsonl)",
+                           "passages": f"{lo}:{lo + len(passages)}", "positions": positions,
+                           "seconds": round(time.perf_counter() - t0, 1)}
+
+    # ---- paraphrase and edit-prompt recall (real facts only: generated fill-ups are not measured)
+    measured = [f for f in facts if f.id in real]
+    row_of = {f.id: i for i, f in enumerate(facts)}  # facts are in the store's row order
+    for name, items in (("paraphrase", [(f, p) for f in measured for p in f.paraphrases]),
+                        ("edit_prompt", [(f, f.text) for f in measured])):
+        if not items:
+            continue
+        texts = [p for _, p in items]
+        owner = torch.tensor([row_of[f.id] for f, _ in items])
+        acc = {g.name: {"any": torch.zeros(len(items), dtype=torch.bool),
+                        "subj": torch.zeros(len(items), dtype=torch.bool), "wrong": 0} for g in gates}
+        has_subj = torch.zeros(len(items), dtype=torch.bool)
+        for rows, a, valid, _, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
+                                                     batch_size=args.batch_size, subjects=[f.subject for f, _ in items],
+                                                     progress=not args.quiet, desc=name):
+            r = torch.tensor(rows)
+            sp = spos.cpu()
+            ok = sp >= 0
+            has_subj[r] = ok
+            flat = a.reshape(-1, a.shape[-1])
+            for g in gates:
+                fire, index, _ = g.db.gate(flat)
+                fire = (fire.reshape(valid.shape) & valid).cpu()
+                index = index.reshape(valid.shape).cpu()
+                own = fire & (index == owner[r].unsqueeze(1))
+                acc[g.name]["wrong"] += int((fire & ~own).sum())
+                acc[g.name]["any"][r] = own.any(dim=1)
+                acc[g.name]["subj"][r] = ok & own.gather(1, sp.clamp_min(0).unsqueeze(1)).squeeze(1)
+        for g in gates:
+            x = acc[g.name]
+            g.recall[name] = {"prompts": len(items), "recall_any": round(float(x["any"].float().mean()), 4),
+                              "recall_subject": round(float(x["subj"][has_subj].float().mean()), 4)
+                              if has_subj.any() else None,
+                              "subject_located": int(has_subj.sum()), "fires_on_other_facts": x["wrong"]}
+    report["gates"] = []
+    for g in gates:
+        g.worst.sort(reverse=True)
+        report["gates"].append({
+            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated,
+            "false_fires": g.fires, "rate": g.fires / positions if positions else 0.0,
+            "fires_on_mentions": g.mentions, "fires_on_subject_words": g.words, "facts_firing": len(g.per_fact),
+            "worst": [{"score": round(sc, 4), "fact": fid, "subject": subj_of[fid], "token": tk, "passage": pr,
+                       "pos": ps} for sc, fid, tk, pr, ps in g.worst[: args.worst]],
+            **g.recall})
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    u = report["unrelated"]
+    lines = [
+        f"model {report['model']}  layer {report['layer']}  bare_weight {report['bare_weight']}",
+        f"stored facts: {report['stored']} ({report['real_facts']} from {report['facts_source']}, "
+        f"{report['stored'] - report['real_facts']} generated; {report['skipped']} skipped); keys {report['keys_s']} s",
+    ]
+    if "calibration" in report:
+        c = report["calibration"]
+        lines.append(f"per-key thresholds: calibrated on {c['positions']} positions of {c['texts']} texts "
+                     f"({', '.join(c['text'])}), margin {c['margin']}; keys raised above gamma: {c['raised']} "
+                     f"({c['seconds']} s)")
+    lines.append(f"unrelated text: {u['text']}, passages {u['passages']}, {u['positions']} gated positions")
+    for g in report["gates"]:
+        lines.append(f"[{g['gate']}]")
+        lines.append(f"  FALSE FIRES: {g['false_fires']}  rate {g['rate']:.6f}  ({g['facts_firing']} facts fired)")
+        lines.append(f"  not counted as false: {g['fires_on_mentions']} fires on passages that mention the fired "
+                     f"fact's subject, {g['fires_on_subject_words']} on passages that contain a word of it")
+        for w in g["worst"]:
+            lines.append(f"    {w['score']:.4f}  {w['fact']:>20}  subject {w['subject']!r:32} token {w['token']!r} "
+                         f"(passage {w['passage']}, pos {w['pos']})")
+        for name in ("paraphrase", "edit_prompt"):
+            if name in g:
+                r = g[name]
+                subj = f"{r['recall_subject']:.4f}" if r["recall_subject"] is not None else "n/a"
+                lines.append(f"  {name} recall: any position {r['recall_any']:.4f}, subject token {subj} "
+                             f"({r['prompts']} prompts; {r['fires_on_other_facts']} fires on other facts)")
+    lines.append(f"total {report['total_s']} s")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m properties.fire_rate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", default="counterfact",
+                    help="facts file (CounterFact ROME/MEND, zsRE MEND, JSON list of facts) or a name: "
+                         "counterfact, counterfact-train, counterfact-rome, zsre, generated[:seed]")
+    ap.add_argument("--n", type=int, default=2000, help="facts to store (up to 100,000)")
+    ap.add_argument("--fill", choices=["generated"], default=None,
+                    help="top up with generated facts when the file has fewer than --n")
+    ap.add_argument("--text", default=None, help="unrelated text: one passage a line (.txt) or JSONL with 'text'")
+    ap.add_argument("--passages", default=None, help="START:END slice of the passages (default: all)")
+    ap.add_argument("--data-dir", default=None, help="shared data dir (default $NEURALDB_DATA_DIR or ../shared/data)")
+    ap.add_argument("--gamma", type=float, nargs="+", default=[0.65], help="one or more gammas to measure")
+    ap.add_argument("--layer", type=int, default=10)
+    ap.add_argument("--bare-weight", type=float, default=0.5)
+    ap.add_argument("--calibrate", choices=["no", "yes", "only"], default="yes",
+                    help="per-key thresholds from calibration text: no / yes (measure both gates) / only")
+    ap.add_argument("--calib-text", nargs="+", default=["default"],
+                    help="calibration text specs: default (SciQ support + MMLU questions from the data dir), "
+                         "lambada@START:END, or FILE[@START:END]; never the evaluation passages")
+    ap.add_argument("--margin", type=float, default=0.05, help="calibration margin above the max cosine")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model-gguf", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--templates", default=None,
+                    help="JSON list of context templates (default: generated as neuraldb.edit does)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0, help="seed of generated facts")
+    ap.add_argument("--worst", type=int, default=15)
+    ap.add_argument("--json", default=None, help="also write the report as JSON here")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.n is not None and not 1 <= args.n <= 1_000_000:
+        ap.error("--n must be between 1 and 1,000,000")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    report = run(args)
+    print(render(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The measurement behind the gate's design: false fires vs paraphrase recall for candidate fixes.
+
+Run (fast on a GPU; hours on a 2-core CPU)::
+
+    python -m properties.study --facts counterfact --n 10000 --device cuda --out study.json
+
+Held-out protocol: per-key thresholds and the centre are fitted on CALIBRATION text
+(SciQ support passages and MMLU questions, first half); the margin is chosen on the second
+half of the calibration text; the figures are measured on EVALUATION text (LAMBADA), which
+no fit ever sees. Keys come from the facts alone. Every variant is computed from the same
+activations, so the rows are comparable.
+
+Variants:
+  keys     bare weight for facts whose bare prompt starts with the subject (``wf``) and for
+           the others (``wo``): 0.5/0.5 is MEMIT's average, 0/0 prefixed contexts only.
+  centre   subtract the mean calibration activation from keys and queries.
+  gate     global gamma; per-key thresholds max(gamma, calib_max_i + margin); a top-1 vs
+           top-2 margin; skipping queries whose norm is outside the calibration range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from neuraldb import Fact, Trace, resolve_arch
+from neuraldb.keys import pad_batch, pad_id
+
+from .measure import GroupKeys, load_facts, load_passages, subject_last_positions
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def queries(model, tok, texts: Sequence[str], *, layer: int, subjects: Sequence[str | None] | None = None,
+            max_len: int = 128, batch_size: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Activations at every gated position (not position 0, not padding) of each text.
+
+    Returns acts (P, d) float32, ids (P,), pos (P,), row (P,), and with ``subjects`` a bool
+    ``subj`` (P,) marking the subject's last token.
+    """
+    arch = resolve_arch(model)
+    enc, spos = [], []
+    for i, t in enumerate(texts):
+        if subjects is not None and subjects[i] is not None:
+            ids, p = subject_last_positions(tok, t, subjects[i])
+        else:
+            ids, p = tok(t)["input_ids"], None
+        enc.append(list(ids)[:max_len]), spos.append(-1 if p is None or p >= max_len else p)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    acts, ids_, pos_, row_, subj_ = [], [], [], [], []
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        ids, mask = pad_batch([enc[r] for r in rows], pad_id(tok), torch.device(device))
+        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for j, r in enumerate(rows):
+            n = len(enc[r])
+            if n < 2:
+                continue
+            acts.append(t.input[j, 1:n].float())
+            ids_.append(ids[j, 1:n])
+            pos = torch.arange(1, n, device=device)
+            pos_.append(pos), row_.append(torch.full((n - 1,), r, device=device))
+            subj_.append(pos == spos[r])
+    out = {"acts": torch.cat(acts), "ids": torch.cat(ids_).cpu(), "pos": torch.cat(pos_).cpu(),
+           "row": torch.cat(row_).cpu(), "subj": torch.cat(subj_).cpu()}
+    return out
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def top2(q: torch.Tensor, k: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact top-1 score/index and top-2 score of unit queries q (P, d) against unit keys k (N, d)."""
+    s1 = torch.full((q.shape[0],), -2.0, device=q.device)
+    s2 = s1.clone()
+    i1 = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    for qs in range(0, q.shape[0], chunk):
+        qq = q[qs: qs + chunk]
+        b1 = torch.full((qq.shape[0],), -2.0, device=q.device)
+        b2, bi = b1.clone(), torch.zeros(qq.shape[0], dtype=torch.long, device=q.device)
+        for ks in range(0, k.shape[0], chunk):
+            s = qq @ k[ks: ks + chunk].T
+            v, a = s.topk(min(2, s.shape[1]), dim=1)
+            c1, c2 = v[:, 0], (v[:, 1] if v.shape[1] > 1 else torch.full_like(v[:, 0], -2.0))
+            new1 = torch.maximum(b1, c1)
+            new2 = torch.maximum(torch.minimum(b1, c1), torch.maximum(b2, c2))
+            bi = torch.where(c1 > b1, a[:, 0] + ks, bi)
+            b1, b2 = new1, new2
+        s1[qs: qs + chunk], s2[qs: qs + chunk], i1[qs: qs + chunk] = b1, b2, bi
+    return s1, i1, s2
+
+
+@torch.no_grad()
+def key_max(k: torch.Tensor, q: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """For each unit key, the largest cosine with any unit query: (N,)."""
+    m = torch.full((k.shape[0],), -2.0, device=k.device)
+    for ks in range(0, k.shape[0], chunk):
+        kk = k[ks: ks + chunk]
+        best = torch.full((kk.shape[0],), -2.0, device=k.device)
+        for qs in range(0, q.shape[0], chunk):
+            best = torch.maximum(best, (kk @ q[qs: qs + chunk].T).max(dim=1).values)
+        m[ks: ks + chunk] = best
+    return m
+
+
+def evaluate(name: str, K: torch.Tensor, center: torch.Tensor | None, sets: dict[str, dict], *,
+             gammas: Sequence[float], margins: Sequence[float], cal_fit: torch.Tensor, cal_check: torch.Tensor,
+             norm_range: tuple[float, float] | None, tok=None, worst: int = 0) -> list[dict[str, Any]]:
+    """Rows of figures for one key variant under every gate rule."""
+    c = center if center is not None else torch.zeros(K.shape[1], device=K.device)
+    k = unit(K - c)
+    res = {}
+    for sname, s in sets.items():
+        res[sname] = top2(unit(s["acts"] - c), k)
+    m_fit = key_max(k, unit(cal_fit - c))
+    m_small = {n: key_max(k, unit(cal_fit[:n] - c)) for n in (5000, 20000) if n < cal_fit.shape[0]}
+    chk = top2(unit(cal_check - c), k)
+    rows = []
+
+    def figures(rule: str, gate_of) -> dict[str, Any]:
+        row: dict[str, Any] = {"keys": name, "rule": rule}
+        for sname, s in sets.items():
+            s1, i1, s2 = res[sname]
+            fire = gate_of(s1, i1, s2, s)
+            owner = s.get("owner")
+            if owner is None:
+                row[f"{sname}_fires"] = int(fire.sum())
+                row[f"{sname}_positions"] = int(fire.numel())
+            else:
+                own = fire & (i1 == owner)
+                if sname.startswith("neigh"):
+                    row[f"{sname}_fires"] = int(fire.sum())
+                    row[f"{sname}_own_fires"] = int(own.sum())
+                    row[f"{sname}_positions"] = int(fire.numel())
+                    continue
+                rowid = s["row"]
+                n_rows = int(s["n_rows"])
+                any_hit = torch.zeros(n_rows, dtype=torch.bool, device=fire.device).index_put_(
+                    (rowid.to(fire.device),), own, accumulate=True)
+                subj = s["subj"].to(fire.device)
+                subj_hit = torch.zeros(n_rows, dtype=torch.bool, device=fire.device).index_put_(
+                    (rowid.to(fire.device)[subj],), own[subj], accumulate=True)
+                has_subj = torch.zeros(n_rows, dtype=torch.bool, device=fire.device).index_put_(
+                    (rowid.to(fire.device)[subj],), torch.ones_like(own[subj]), accumulate=True)
+                row[f"{sname}_recall_any"] = round(float(any_hit.float().mean()), 4)
+                row[f"{sname}_recall_subject"] = round(float(subj_hit[has_subj].float().mean()), 4)
+                row[f"{sname}_wrong_fires"] = int((fire & (i1 != owner)).sum())
+        cs1, ci1, cs2 = chk
+        row["calib_check_fires"] = int(gate_of(cs1, ci1, cs2, None).sum())
+        return row
+
+    for g in gammas:
+        rows.append(figures(f"gamma={g}", lambda s1, i1, s2, s, g=g: s1 > g))
+        for mg in margins:
+            thr = torch.clamp(m_fit + mg, min=g)
+            rows.append(figures(f"gamma={g} perkey+{mg}", lambda s1, i1, s2, s, thr=thr: s1 > thr[i1]))
+        for n, m in m_small.items():
+            for mg in (0.02, 0.05):
+                thr = torch.clamp(m + mg, min=g)
+                rows.append(figures(f"gamma={g} perkey[cal={n}]+{mg}", lambda s1, i1, s2, s, thr=thr: s1 > thr[i1]))
+        for d in (0.02, 0.05):
+            rows.append(figures(f"gamma={g} top2gap>{d}", lambda s1, i1, s2, s, g=g, d=d: (s1 > g) & (s1 - s2 > d)))
+        if norm_range is not None:
+            lo, hi = norm_range
+
+            def normed(s1, i1, s2, s, g=g):
+                if s is None:
+                    return s1 > g
+                n = s["norm"]
+                return (s1 > g) & (n >= lo) & (n <= hi)
+            rows.append(figures(f"gamma={g} norm-in-range", normed))
+    if worst and tok is not None:
+        s = sets["eval"]
+        s1, i1, _ = res["eval"]
+        top = s1.topk(min(worst, s1.numel()))
+        rows[0]["worst"] = [
+            {"score": round(float(v), 4), "key": int(i1[j]), "token": tok.decode([int(s["ids"][j])]),
+             "pos": int(s["pos"][j])} for v, j in zip(top.values.tolist(), top.indices.tolist())]
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", default="counterfact")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--generated", type=int, default=0, help="also measure this many generated facts (keys only)")
+    ap.add_argument("--layer", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m", help="alias, or DIR:GGUF for a (truncated) GGUF")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--templates", default=None, help="JSON file with the context templates")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--eval-passages", type=int, default=None)
+    ap.add_argument("--calib", type=int, default=2000, help="calibration passages (SciQ + MMLU)")
+    ap.add_argument("--out", default="study.json")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t00 = time.time()
+    if ":" in a.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        d, f = a.model.split(":", 1)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval().to(a.device)
+        tok = AutoTokenizer.from_pretrained(a.tokenizer or d)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+    else:
+        import neuraldb
+
+        model, tok = neuraldb.load_model(a.model, device=a.device)
+    if a.templates:
+        templates = json.load(open(a.templates))
+    else:
+        import neuraldb
+
+        templates = neuraldb.context_templates(model, tok, prefixes=("The", "Therefore", "Because", "I", "You"),
+                                               length=10, seed=0)
+    data = Path(a.data_dir) if a.data_dir else None
+    from .measure import default_data_dir, keyable
+
+    data = data or default_data_dir()
+    report: dict[str, Any] = {"templates": templates, "timings": {}}
+
+    # calibration text: SciQ supports + MMLU questions, split in two halves (fit / check)
+    sciq = [json.loads(x)["support"] for x in open(data / "sciq" / "sciq_test.jsonl")]
+    mmlu = [json.loads(x)["question"] for x in open(data / "mmlu" / "mmlu_test.jsonl")]
+    calib = [t for t in sciq if t.strip()] + mmlu[::5]
+    calib = calib[: a.calib] if a.calib else calib
+    t0 = time.time()
+    cal = queries(model, tok, calib, layer=a.layer, device=a.device)
+    half = cal["row"] % 2 == 0
+    cal_fit, cal_check = cal["acts"][half.to(cal["acts"].device)], cal["acts"][~half.to(cal["acts"].device)]
+    evalq = queries(model, tok, load_passages(data_dir=data, limit=a.eval_passages), layer=a.layer, device=a.device)
+    report["timings"]["text_activations_s"] = round(time.time() - t0, 1)
+    center = cal_fit.mean(0)
+    norms = cal_fit.norm(dim=1)
+    norm_range = (float(norms.quantile(0.001)), float(norms.quantile(0.999))) if norms.numel() < 2**24 else None
+    evalq["norm"] = evalq["acts"].norm(dim=1)
+    report["positions"] = {"calib_fit": int(cal_fit.shape[0]), "calib_check": int(cal_check.shape[0]),
+                           "eval": int(evalq["acts"].shape[0])}
+
+    def fact_sets(facts: list[Fact]) -> dict[str, dict]:
+        sets = {"eval": evalq}
+        texts, subj, owner = [], [], []
+        for i, f in enumerate(facts):
+            for p in f.paraphrases:
+                texts.append(p), subj.append(f.subject), owner.append(i)
+        if texts:
+            q = queries(model, tok, texts, layer=a.layer, subjects=subj, device=a.device)
+            q["owner"] = torch.tensor(owner, device=q["acts"].device)[q["row"].to(q["acts"].device)]
+            q["n_rows"] = len(texts)
+            q["row"] = q["row"].to(q["acts"].device)
+            q["norm"] = q["acts"].norm(dim=1)
+            sets["para"] = q
+        q = queries(model, tok, [f.text for f in facts], layer=a.layer, subjects=[f.subject for f in facts],
+                    device=a.device)
+        q["owner"] = q["row"].to(q["acts"].device)
+        q["n_rows"] = len(facts)
+        q["norm"] = q["acts"].norm(dim=1)
+        sets["edit"] = q
+        texts, owner = [], []
+        for i, f in enumerate(facts):
+            for p in f.neighborhood[:2]:
+                texts.append(p), owner.append(i)
+        if texts:
+            q = queries(model, tok, texts, layer=a.layer, device=a.device)
+            q["owner"] = torch.tensor(owner, device=q["acts"].device)[q["row"].to(q["acts"].device)]
+            q["norm"] = q["acts"].norm(dim=1)
+            sets["neigh"] = q
+        return sets
+
+    def run(label: str, facts: list[Fact], sizes: Sequence[int], variants: Sequence[tuple[float, float, bool]]):
+        from .measure import _group_means
+
+        t0 = time.time()
+        facts, skipped = (facts, []) if label == "gen" else keyable(tok, facts, templates)
+        parts = [_group_means(model, tok, facts[s: s + 4096], a.layer, templates, 512) for s in range(0, len(facts), 4096)]
+        g = GroupKeys([f.id for f in facts], torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                      torch.cat([p[2] for p in parts]))
+        report["timings"][f"{label}_keys_s"] = round(time.time() - t0, 1)
+        first = torch.tensor([f.prompt.startswith("{}") for f in facts])
+        report[f"{label}_facts"] = {"n": len(facts), "skipped": len(skipped), "subject_first": int(first.sum())}
+        for n in sizes:
+            sub = facts[:n]
+            t0 = time.time()
+            sets = fact_sets(sub)
+            for wf, wo, cen in variants:
+                has = g.has_bare[:n].float()
+                w = torch.where(first[:n], torch.tensor(wf), torch.tensor(wo)) * has
+                K = (w.unsqueeze(1) * g.bare[:n] + (1 - w.unsqueeze(1)) * g.prefixed[:n]).to(a.device)
+                name = f"{label} n={n} bare(first={wf},other={wo}){' centred' if cen else ''}"
+                rows = evaluate(name, K, center if cen else None, sets, gammas=(0.55, 0.6, 0.65, 0.7, 0.75, 0.8),
+                                margins=(0.0, 0.02, 0.05), cal_fit=cal_fit, cal_check=cal_check,
+                                norm_range=norm_range, tok=tok, worst=20)
+                report.setdefault("rows", []).extend(rows)
+                log.info("%s: %s", name, json.dumps(rows[0])[:600])
+            report["timings"][f"{label}_n{n}_eval_s"] = round(time.time() - t0, 1)
+            json.dump(report, open(a.out, "w"), indent=1)
+
+    facts = load_facts(a.facts, n=a.n, data_dir=data)
+    sizes = sorted({s for s in (2000, 10000) if s < len(facts)} | {len(facts)})
+    run("cf", facts, sizes, [(0.5, 0.5, False), (0.5, 0.5, True), (0.0, 0.5, False), (0.0, 0.25, False),
+                             (0.0, 0.0, False), (0.0, 0.0, True), (0.25, 0.25, False)])
+    if a.generated:
+        run("gen", load_facts("generated", n=a.generated), [a.generated], [(0.5, 0.5, False), (0.0, 0.5, False),
+                                                                            (0.0, 0.0, False)])
+    report["timings"]["total_s"] = round(time.time() - t00, 1)
+    json.dump(report, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

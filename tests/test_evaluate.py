@@ -1,0 +1,333 @@
+"""neuraldb.evaluate on tiny random models: report structure, the closed gate, resuming,
+configuration mismatches, intervals against scipy, case selection, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from scipy import stats
+
+import neuraldb
+from evals import evaluate as ev
+from evals import report as rep
+from evals.datasets import EvalCase
+from neuraldb import EditConfig, Fact, NeuralDB
+
+from conftest import tiny_model
+
+# facts end on the subject (see test_edit.py): the tiny model's residual decides the next token
+FACTS = [
+    Fact(prompt="the city of {}", subject="the eiffel tower", target_new="rome", target_true="paris", id="e1",
+         paraphrases=("the eiffel tower", "a city of the eiffel tower"),
+         neighborhood=("the city of london", "the city of john")),
+    Fact(prompt="the mother tongue of {}", subject="danielle darrieux", target_new="english",
+         target_true="french", id="e2", paraphrases=("danielle darrieux",),
+         neighborhood=("the mother tongue of john",)),
+    Fact(prompt="the sport of {}", subject="lebron james", target_new="tennis", target_true="football", id="e3",
+         paraphrases=("lebron james",), neighborhood=("the sport of mary", "the sport of bob")),
+]
+CASES = [EvalCase(case_id=i, kind="counterfact", fact=f,
+                  generation_prompts=(f"the city of {f.subject}", f"{f.subject} is")) for i, f in enumerate(FACTS)]
+CFG = EditConfig(layer=1, steps=80, lr=0.5, clamp_norm_factor=8.0, context_prefixes=("the", "i"), context_length=3,
+                 batch_size=2)
+FAST = dict(batch_size=2, generation_tokens=4, progress=False)
+TOP_KEYS = {"schema", "created", "dataset", "model", "store", "config", "metrics", "gate", "general", "cases",
+            "versions", "timings", "warnings"}
+
+
+@pytest.fixture(scope="module")
+def edited():
+    model, tok = tiny_model("llama")
+    db = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    return model, tok, db
+
+
+def copy_store(db: NeuralDB, tmp_path, **changes) -> NeuralDB:
+    path = db.save(tmp_path / f"copy-{len(list(tmp_path.iterdir()))}.safetensors")
+    out = NeuralDB.load(path)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+def deterministic(report):
+    """The parts of a report that must not depend on timing or on where it was written."""
+    cases = [{k: v for k, v in c.items() if k != "seconds"} for c in report["cases"]]
+    return {"metrics": report["metrics"], "gate": report["gate"], "cases": cases, "store": report["store"],
+            "dataset": report["dataset"]}
+
+
+def test_report_structure_and_json(edited):
+    model, tok, db = edited
+    r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, **FAST)
+    assert set(r) == TOP_KEYS and r["schema"] == ev.SCHEMA
+    json.dumps(r, allow_nan=False)  # strict JSON
+    assert list(r["metrics"]) == list(ev.METRICS["counterfact"])
+    eff = r["metrics"]["efficacy"]
+    assert eff["kind"] == "proportion" and eff["pre"]["method"] == "wilson" and eff["unit"] == "%"
+    assert eff["post"]["mean"] == 100.0 and eff["test"]["p_value"] is not None
+    assert r["metrics"]["generalization"]["kind"] == "mean"  # 1-2 paraphrases per case: a mean of means
+    assert r["metrics"]["consistency"]["skipped"] and "attribute_snippets.json" in r["metrics"]["consistency"]["reason"]
+    assert r["metrics"]["fluency"]["pre"]["n"] == 3 and r["metrics"]["fluency"]["word_tokenizer"]
+    assert [c["fact_id"] for c in r["cases"]] == ["e1", "e2", "e3"]
+    case = r["cases"][0]
+    assert set(case) >= {"case_id", "fact_id", "pre", "post", "gate", "detail", "samples", "seconds"}
+    assert set(case["gate"]) == {"edit", "paraphrase", "neighborhood", "generation"}
+    gate = r["gate"]["groups"]
+    assert gate["edit"]["prompts"] == 3 and gate["paraphrase"]["prompts"] == 4 and gate["neighborhood"]["prompts"] == 5
+    assert gate["edit"]["prompts_fired"] == 3 and gate["edit"]["prompts_fired_own"] == 3  # the subject's key fires
+    assert r["gate"]["gamma"] == db.gamma and r["store"]["facts"] == 3 and r["store"]["digest"]
+    assert r["store"]["edit"]["n"] == 3 and r["store"]["config"]["layer"] == 1
+    assert r["dataset"]["load_report"]["loaded"] == 3 and r["dataset"]["n_cases"] == 3
+    assert {"neuraldb", "torch", "transformers", "lm_eval", "python"} <= set(r["versions"])
+    assert r["config"]["evaluate"]["confidence"] == 0.95 and r["timings"]["total_this_call"] > 0
+    assert not db.is_attached and not hasattr(model, "_neuraldb_store")
+    md = rep.render_markdown(r)
+    assert "| efficacy (%) |" in md and "## Gate firing" in md and "consistency" in md
+    assert "efficacy (%)" in rep.render_text(r)
+
+
+def test_closed_gate_gives_identical_pre_and_post(edited, tmp_path):
+    model, tok, db = edited
+    closed = copy_store(db, tmp_path, gamma=1.0)  # cos > 1 never holds
+    r = neuraldb.evaluate(model, closed, tokenizer=tok, dataset=CASES, **FAST)
+    for c in r["cases"]:
+        assert c["pre"] == c["post"] and c["detail"]["pre"] == c["detail"]["post"]
+        assert c["samples"]["pre"] == c["samples"]["post"]
+        assert all(g["fires"] == 0 and g["prompts_fired"] == 0 for g in c["gate"].values())
+    for name, m in r["metrics"].items():
+        if not m.get("skipped"):
+            assert m["pre"] == m["post"] and m["difference"]["mean"] == 0, name
+            assert m["test"]["p_value"] == 1.0
+    for g in r["gate"]["groups"].values():
+        assert g["fires"] == 0 and g["fire_rate"] == 0 and g["prompt_fire"]["mean"] == 0 and g["positions"] > 0
+
+
+def test_resume_skips_finished_cases_and_matches_an_uninterrupted_run(edited, tmp_path, monkeypatch):
+    model, tok, db = edited
+    real = ev.counterfact_scores
+    seen: list[str] = []
+    fail_on = {3}
+
+    def counting(*, cases, **kw):
+        seen.extend(c.fact.id for c in cases)
+        if len(seen) in fail_on:
+            raise KeyboardInterrupt("simulated kill")
+        return real(cases=cases, **kw)
+
+    monkeypatch.setattr(ev, "counterfact_scores", counting)
+    out = tmp_path / "run"
+    kw = dict(tokenizer=tok, dataset=CASES, chunk_size=1, output_dir=out, **FAST)
+    with pytest.raises(KeyboardInterrupt):  # chunk 1: pre+post done; chunk 2: pre raises
+        neuraldb.evaluate(model, db, **kw)
+    assert seen == ["e1", "e1", "e2"]
+    lines = (out / "cases.jsonl").read_text().splitlines()
+    assert [json.loads(x)["fact_id"] for x in lines] == ["e1"]
+    assert not db.is_attached and not hasattr(model, "_neuraldb_store")
+    assert not (out / "report.json").exists()
+
+    fail_on.clear()
+    seen.clear()
+    resumed = neuraldb.evaluate(model, db, **kw)
+    assert seen == ["e2", "e2", "e3", "e3"]  # e1 is not recomputed
+    seen.clear()
+    again = neuraldb.evaluate(model, db, **kw)  # everything done: nothing recomputed
+    assert seen == [] and deterministic(again) == deterministic(resumed)
+    whole = neuraldb.evaluate(model, db, **{**kw, "output_dir": tmp_path / "whole"})
+    assert deterministic(resumed) == deterministic(whole)
+    assert json.loads((out / "report.json").read_text())["metrics"] == whole["metrics"]
+    assert (out / "report.md").read_text().startswith("# NeuralDB evaluation")
+
+
+def test_torn_last_line_is_dropped(edited, tmp_path):
+    model, tok, db = edited
+    out = tmp_path / "run"
+    kw = dict(tokenizer=tok, dataset=CASES, chunk_size=1, output_dir=out, metrics=["efficacy"], **FAST)
+    first = neuraldb.evaluate(model, db, **kw)
+    path = out / "cases.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed while writing case 2
+    again = neuraldb.evaluate(model, db, **kw)
+    assert deterministic(again) == deterministic(first)
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_configuration_mismatch_is_an_error(edited, tmp_path):
+    model, tok, db = edited
+    out = tmp_path / "run"
+    neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, output_dir=out, metrics=["efficacy"], **FAST)
+    with pytest.raises(ValueError, match=r"different configuration \(differs in: metrics"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, output_dir=out, metrics=["specificity"], **FAST)
+    with pytest.raises(ValueError, match="store.digest, store.gamma"):
+        neuraldb.evaluate(model, copy_store(db, tmp_path, gamma=0.7), tokenizer=tok, dataset=CASES,
+                          output_dir=out, metrics=["efficacy"], **FAST)
+    with pytest.raises(ValueError, match="dataset.cases_digest, dataset.n_cases"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES[:2], output_dir=out, metrics=["efficacy"], **FAST)
+
+
+def test_intervals_and_tests_match_scipy(edited):
+    model, tok, db = edited
+    r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, confidence=0.9, **FAST)
+    m = r["metrics"]["efficacy_magnitude"]
+    pre = [c["pre"]["efficacy_magnitude"] for c in r["cases"]]
+    post = [c["post"]["efficacy_magnitude"] for c in r["cases"]]
+    n = len(post)
+    lo, hi = stats.t.interval(0.9, n - 1, loc=sum(post) / n, scale=stats.sem(post))
+    assert m["post"]["ci"] == pytest.approx([100 * lo, 100 * hi], rel=1e-9)
+    assert m["post"]["mean"] == pytest.approx(100 * sum(post) / n)
+    diffs = [b - a for a, b in zip(pre, post)]
+    lo, hi = stats.t.interval(0.9, n - 1, loc=sum(diffs) / n, scale=stats.sem(diffs))
+    assert m["difference"]["ci"] == pytest.approx([100 * lo, 100 * hi], rel=1e-9)
+    assert m["test"]["p_value"] == pytest.approx(stats.ttest_rel(post, pre).pvalue, rel=1e-9)
+    e = r["metrics"]["efficacy"]
+    k = sum(c["pre"]["efficacy"] for c in r["cases"])
+    ci = stats.binomtest(int(k), n).proportion_ci(confidence_level=0.9, method="wilson")
+    assert e["pre"]["ci"] == pytest.approx([100 * ci.low, 100 * ci.high], rel=1e-9)
+
+
+def test_stats_helpers_against_closed_forms():
+    z = stats.norm.ppf(0.975)
+    k, n = 7, 20
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert rep.proportion_ci(k, n)["ci"] == pytest.approx([centre - half, centre + half], rel=1e-9)
+    vals = [0.2, 0.4, 0.9, 1.0]
+    sd = stats.tstd(vals)
+    t = stats.t.ppf(0.975, 3)
+    mean = sum(vals) / 4
+    assert rep.mean_ci(vals)["ci"] == pytest.approx([mean - t * sd / 2, mean + t * sd / 2], rel=1e-9)
+    mc = rep.paired_test([0, 0, 0, 1, 1], [1, 1, 1, 1, 0], kind="proportion")
+    assert (mc["gained"], mc["lost"]) == (3, 1) and mc["p_value"] == pytest.approx(stats.binomtest(3, 4).pvalue)
+    assert rep.paired_test([1, 1], [1, 1], kind="proportion")["p_value"] == 1.0
+    assert rep.mean_ci([])["mean"] is None and rep.mean_ci([0.5])["ci"] is None
+    assert rep.mean_ci([0.5, 0.5])["ci"] == [0.5, 0.5]
+    assert rep.clean_json({"a": (float("nan"), 1)}) == {"a": [None, 1]}
+
+
+def test_dataset_path_selects_the_stored_cases(edited, tmp_path):
+    model, tok, db = edited
+    records = [{"case_id": i, "pararel_idx": i,
+                "requested_rewrite": {"prompt": f.prompt, "relation_id": "P1", "subject": f.subject,
+                                      "target_new": {"str": f.target_new, "id": "Q1"},
+                                      "target_true": {"str": f.target_true, "id": "Q2"}},
+                "paraphrase_prompts": list(f.paraphrases), "neighborhood_prompts": list(f.neighborhood),
+                "attribute_prompts": [], "generation_prompts": []} for i, f in enumerate(FACTS)]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"none of the 3 dataset cases is in the store .*'e1'.*'counterfact-0'"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=path, **FAST)
+    stored = neuraldb.edit(model, tok, [Fact(**{**FACTS[1].to_dict(), "id": "counterfact-1"})],
+                           config=CFG, progress=False)
+    r = neuraldb.evaluate(model, stored, tokenizer=tok, dataset=path, metrics="efficacy specificity", **FAST)
+    assert [c["fact_id"] for c in r["cases"]] == ["counterfact-1"] and list(r["metrics"]) == ["efficacy", "specificity"]
+    assert r["dataset"]["only_stored"] is True and r["dataset"]["load_report"]["records"] == 3
+    assert "fluency" not in r["metrics"] and "generation" not in r["gate"]["groups"]
+    r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, limit=2, metrics=["efficacy"], **FAST)
+    assert r["dataset"]["n_cases"] == 2
+    with pytest.raises(ValueError, match="did you mean 'efficacy'"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, metrics=["eficacy"], **FAST)
+    moved = [EvalCase(case_id=0, kind="counterfact", fact=Fact(**{**FACTS[0].to_dict(), "target_new": "berlin"}))]
+    with pytest.raises(ValueError, match="was edited to 'rome' but the case's target_new is 'berlin'"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=moved, **FAST)
+
+
+def test_attachment_state_is_restored(edited):
+    model, tok, db = edited
+    db.attach(model)
+    try:
+        r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, metrics=["efficacy"], **FAST)
+        assert db.is_attached and model._neuraldb_store is db
+        assert r["metrics"]["efficacy"]["pre"]["mean"] < 100  # pre ran without the store
+    finally:
+        db.detach()
+
+
+def test_zsre_cases(edited):
+    model, tok, db = edited
+    cases = [EvalCase(case_id=i, kind="zsre", fact=f, loc_prompt="the city of london", loc_answer="is")
+             for i, f in enumerate(FACTS)]
+    r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=cases, **FAST)
+    assert list(r["metrics"]) == ["efficacy", "generalization", "specificity"]
+    assert all(m["kind"] == "mean" for m in r["metrics"].values())
+    assert r["metrics"]["efficacy"]["post"]["mean"] == 100.0
+    assert set(r["cases"][0]["gate"]) == {"edit", "paraphrase", "neighborhood"}
+
+
+def test_general_tasks_through_a_fake_module(edited, tmp_path, monkeypatch):
+    model, tok, db = edited
+    calls = []
+
+    def run_general_tasks(model_, tokenizer, store, **kw):
+        calls.append(kw)
+        assert store is db and not db.is_attached
+        return {"tasks": {t: {"metric": "acc", "before": 0.5, "after": 0.5, "difference": 0.0} for t in kw["tasks"]}}
+
+    monkeypatch.setitem(sys.modules, "evals.general", types.SimpleNamespace(run_general_tasks=run_general_tasks))
+    out = tmp_path / "run"
+    kw = dict(tokenizer=tok, dataset=CASES, metrics=["efficacy"], output_dir=out, general_tasks="all",
+              general_limit=5, **FAST)
+    r = neuraldb.evaluate(model, db, **kw)
+    from evals.tasks import SIX_TASKS
+
+    assert calls[0]["tasks"] == list(SIX_TASKS) and calls[0]["limit"] == 5 and calls[0]["batch_size"] == 2
+    assert set(r["general"]["tasks"]) == set(SIX_TASKS) and (out / "general.json").exists()
+    assert "| mmlu |" in rep.render_markdown(r)
+    neuraldb.evaluate(model, db, **kw)
+    assert len(calls) == 1  # resumed from general.json
+
+    monkeypatch.setitem(sys.modules, "evals.general", None)  # the module is not there
+    with pytest.raises(ModuleNotFoundError, match="general_tasks needs evals.general"):
+        neuraldb.evaluate(model, db, **{**kw, "output_dir": tmp_path / "other"})
+    assert not (tmp_path / "other").exists()  # failed before any work
+
+
+def test_tokenizer_resolved_from_a_model_directory(edited, tmp_path):
+    model, tok, db = edited
+    tok.save_pretrained(tmp_path / "m")
+    model.config.name_or_path = str(tmp_path / "m")
+    try:
+        r = neuraldb.evaluate(model, db, dataset=CASES, metrics=["efficacy"], **FAST)
+        assert r["metrics"]["efficacy"]["post"]["mean"] == 100.0
+    finally:
+        model.config.name_or_path = "tiny-llama"
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        neuraldb.evaluate(model, db, dataset=CASES, **FAST)
+
+
+def test_cli_evaluate_resume_and_compare(tmp_path, capsys):
+    from neuraldb.cli import main
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = [{"subject": f.subject, "src": f.text, "rephrase": f.paraphrases[0], "alt": "x",
+                "answers": [f.target_new], "loc": "the city of", "loc_ans": "london", "pred": "", "cond": ""}
+               for f in FACTS]
+    data = tmp_path / "z.json"
+    data.write_text(json.dumps(records))
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(data), "--n", "2", "--layer", "1",
+            "--batch-size", "2", "--output-dir", str(tmp_path / "a"), "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "efficacy (%)" in out and "gate firing" in out and "report:" in out
+    assert (tmp_path / "a" / "store.safetensors").exists() and (tmp_path / "a" / "report.md").exists()
+    saved = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert saved["dataset"]["kind"] == "zsre" and saved["dataset"]["n_cases"] == 2
+    assert "edit_this_call" in saved["timings"] and saved["config"]["cli"]["n"] == 2
+    assert main(args) == 0  # resumes: the store from the checkpoint, the cases from cases.jsonl
+    assert len((tmp_path / "a" / "cases.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(data), "--n", "2",
+                 "--store", str(tmp_path / "a" / "store.safetensors"), "--gamma", "0.9", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "b"), "--quiet", "--metrics", "efficacy,specificity"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a" / "report.json"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "efficacy" in out and "store.gamma: 0.65 -> 0.9" in out
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "nope.json")]) == 2
