@@ -73,10 +73,16 @@ def _load_cases(args: argparse.Namespace) -> Any:
 def run_evaluate(args: argparse.Namespace) -> int:
     import neuraldb
     from evals import report as rep
-    from evals.evaluate import evaluate
+    from evals.evaluate import METRICS, check_general_tasks, evaluate
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    metrics = _csv(",".join(args.metrics)) if args.metrics else None
+    kind = args.dataset.lower()
+    if metrics and kind in METRICS and set(metrics) - set(METRICS[kind]):
+        raise ValueError(f"unknown {kind} metric(s) {sorted(set(metrics) - set(METRICS[kind]))}; "
+                         f"choose from {list(METRICS[kind])}")
+    check_general_tasks(args.general_tasks)  # before hours of editing
     out = Path(args.output_dir) if args.output_dir else None
     t0 = time.perf_counter()
     model, tok = neuraldb.load_model(args.model, dtype=args.dtype, device=args.device)
@@ -100,7 +106,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
         edit_s = time.perf_counter() - t1
     report = evaluate(
-        model, db, tokenizer=tok, dataset=dataset, limit=args.n, metrics=args.metrics and _csv(",".join(args.metrics)),
+        model, db, tokenizer=tok, dataset=dataset, limit=args.n, metrics=metrics,
         batch_size=args.batch_size, output_dir=out, data_dir=args.data_dir, general_tasks=args.general_tasks,
         general_limit=args.general_limit, seed=args.seed, confidence=args.confidence, progress=not args.quiet,
         split=args.split, generation_prompts=args.fluency_prompts, generation_tokens=args.fluency_tokens,

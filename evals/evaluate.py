@@ -72,7 +72,8 @@ from evals.metrics.fluency import fluency_scores, word_tokenizer_name
 from evals.metrics.tokens import call_model, eval_mode, model_device, pad_id
 from evals.metrics.zsre import zsre_scores
 
-__all__ = ["METRICS", "MetricSpec", "SCHEMA", "evaluate", "resolve_tokenizer", "select_cases"]
+__all__ = ["METRICS", "MetricSpec", "SCHEMA", "check_general_tasks", "evaluate", "resolve_tokenizer", "select_cases",
+           "store_digest"]
 
 log = logging.getLogger(__name__)
 SCHEMA = "neuraldb.evaluate/1"
@@ -238,6 +239,15 @@ def _resolve_general_tasks(general_tasks: Any) -> list[str] | None:
         from evals.tasks import SIX_TASKS
 
         tasks = list(dict.fromkeys([*SIX_TASKS, *(t for t in tasks if t != "all")]))
+    return tasks
+
+
+def check_general_tasks(general_tasks: Sequence[str] | str | None) -> list[str] | None:
+    """The task names ``general_tasks`` resolves to ("all" = the paper's six); raises now if
+    ``evals.general`` cannot be imported (so a long run does not fail at its end)."""
+    tasks = _resolve_general_tasks(general_tasks)
+    if tasks:
+        _general_module()
     return tasks
 
 
@@ -656,9 +666,7 @@ def evaluate(
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
-    tasks = _resolve_general_tasks(general_tasks)
-    if tasks:
-        _general_module()  # fail now, not after hours of work
+    tasks = check_general_tasks(general_tasks)  # fail now, not after hours of work
     tok = tokenizer if tokenizer is not None else resolve_tokenizer(model)
     db.check_compatible(model)
 
@@ -670,8 +678,9 @@ def evaluate(
     if not cases:
         raise ValueError("no case to evaluate (limit=0 or an empty dataset)")
     if limit is not None and len(cases) < limit:
-        warnings.append(f"only {len(cases)} cases were available for limit={limit} "
-                        f"({loaded.report.source}: {loaded.report.loaded} records loaded)")
+        where = (f"the store's {len(db)} facts among the {loaded.report.loaded} cases of {loaded.report.source}"
+                 if only_stored else f"{loaded.report.source}: {loaded.report.loaded} cases loaded")
+        warnings.append(f"only {len(cases)} cases to evaluate for limit={limit} ({where})")
     _check_targets(cases, db)
     kind = _kind(cases)
     selected = _select_metrics(kind, metrics)

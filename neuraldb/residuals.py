@@ -175,6 +175,7 @@ def compute_residuals(
     kl_rows = rows[is_kl]
     kl_col = torch.tensor([col(s, s.target_pos[0]) for s in seqs if s.kl], device=device)
     base = getattr(model, "base_model", model)
+    dtype = next(model.parameters()).dtype
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     layer_names = [arch.layer(i) for i in range(layer + 1)]
 
@@ -209,7 +210,7 @@ def compute_residuals(
 
     def forward(sel: torch.Tensor, h_edit: torch.Tensor, sub_cache: Any) -> torch.Tensor:
         """Last hidden states (len(sel), width - start, d_model) with layer ``layer`` replaced by ``h_edit``."""
-        state["h"] = h_edit
+        state["h"] = h_edit.to(dtype)  # the model's dtype (h is kept in float32)
         kwargs = {cache_kw: sub_cache, "use_cache": True} if start else {"use_cache": False}
         with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
             return base(

@@ -95,7 +95,7 @@ class NeuralDB:
         self.layer = int(layer)
         self.d_key = int(d_key)
         self.d_model = int(d_model)
-        self.gamma = float(gamma)
+        self._gamma = float(gamma)
         self.module_template = module_template
         self.residual_template = residual_template or module_template
         self.model_name = model_name
@@ -113,6 +113,18 @@ class NeuralDB:
         self._traces: list[Trace] = []
         self._model: nn.Module | None = None
         self.reset_stats()
+
+    @property
+    def gamma(self) -> float:
+        """Global cosine threshold; setting it takes effect at the next forward pass."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        if not -1.0 <= float(value) <= 1.0:
+            raise StoreError(f"gamma={value} is not a cosine threshold: use a value in [-1, 1]")
+        self._gamma = float(value)
+        self._dev = {}
 
     # ----------------------------------------------------------------- contents
     def __len__(self) -> int:
@@ -359,6 +371,10 @@ class NeuralDB:
             first = mask.long().argmax(dim=1, keepdim=True)  # (batch, 1) first real token = sink
             pos = torch.arange(total - seq, total, device=device).unsqueeze(0)  # (1, seq)
             return mask[:, total - seq :] & (pos > first)
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor) and positions.shape[-1] == seq:
+            # absolute positions of this chunk (generation passes them): position 0 is the sink
+            return (positions.to(device) > 0).expand(batch, seq)
         past = 0
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and hasattr(cache, "get_seq_length"):

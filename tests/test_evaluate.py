@@ -299,7 +299,7 @@ def test_tokenizer_resolved_from_a_model_directory(edited, tmp_path):
         neuraldb.evaluate(model, db, dataset=CASES, **FAST)
 
 
-def test_cli_evaluate_resume_and_compare(tmp_path, capsys):
+def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
     from neuraldb.cli import main
 
     model, tok = tiny_model("llama")
@@ -331,3 +331,10 @@ def test_cli_evaluate_resume_and_compare(tmp_path, capsys):
     assert "efficacy" in out and "store.gamma: 0.65 -> 0.9" in out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "nope.json")]) == 2
+    capsys.readouterr()
+    # checked before the model is loaded (the model name here does not even exist)
+    assert main(["evaluate", "--model", "no-such-model", "--metrics", "eficacy"]) == 2
+    assert "unknown counterfact metric(s) ['eficacy']" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "evals.general", None)
+    assert main(["evaluate", "--model", "no-such-model", "--general-tasks", "all"]) == 2
+    assert "general_tasks needs evals.general" in capsys.readouterr().err

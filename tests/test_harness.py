@@ -138,10 +138,6 @@ def test_rolling_and_generation_record_firing(edited):
     assert all(f.fires is not None and f.fires == f.positions > 0 for f in lm.firing)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "neuraldb.store: when generate() drops an all-ones attention mask (transformers 5), the store's "
-    "fallback reads the KV cache length after this step's layers already grew it, so the first prompt "
-    "token (the sink) is gated and can fire"))
 def test_generation_never_gates_the_sink_without_padding(edited):
     model, tok, path = edited
     lm = NeuralDBLM(pretrained=model, tokenizer=tok, db=str(path), gamma=-1.0, batch_size=1)
