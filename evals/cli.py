@@ -71,6 +71,7 @@ def _load_cases(args: argparse.Namespace) -> Any:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from evals.datasets import editable_cases
     import neuraldb
     from evals import report as rep
     from evals.evaluate import METRICS, check_general_tasks, evaluate
@@ -87,7 +88,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tok = neuraldb.load_model(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
-    edit_s = None
+    edit_s, unkeyable = None, []
     if args.store:
         db = neuraldb.NeuralDB.load(args.store, model=model)
         if args.gamma is not None:
@@ -100,6 +101,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
                   "a larger split may be --split train")
         kw = {} if args.gamma is None else {"gamma": args.gamma}
         config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, **kw)
+        dataset, unkeyable = editable_cases(dataset, tok, config)
+        if unkeyable:
+            print(f"note: {len(unkeyable)} fact(s) cannot be edited and are left out:\n  " + "\n  ".join(unkeyable))
+        if not dataset:
+            raise ValueError("none of the facts can be edited (see the notes above)")
         checkpoint = out / "store.safetensors" if out else None
         t1 = time.perf_counter()
         db = neuraldb.edit(model, tok, [c.fact for c in dataset], config=config, checkpoint=checkpoint,
@@ -115,6 +121,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report["timings"] = {"load_model": load_s, **({"edit_this_call": edit_s} if edit_s is not None else {}),
                          **report["timings"]}
     report["config"]["cli"] = {k: v for k, v in vars(args).items() if k != "func"}
+    if not args.store and unkeyable:
+        report["warnings"].append(f"{len(unkeyable)} of the first {args.n} facts cannot be edited and were left "
+                                  f"out: {'; '.join(unkeyable)}")
     if out is not None:
         json_path, md_path = rep.write_report(rep.clean_json(report), out)
     print(rep.render_text(report))

@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping, Sequence
 from neuraldb import Fact, FactError
 
 __all__ = [
-    "DATA_DIR_LAYOUT", "PUBLIC_FILES", "DatasetError", "EvalCase", "EvalCases", "LoadReport",
+    "DATA_DIR_LAYOUT", "PUBLIC_FILES", "DatasetError", "EvalCase", "EvalCases", "LoadReport", "editable_cases",
     "RemoteFile", "SkippedRecord", "detect_kind", "download", "load_any", "load_counterfact", "load_zsre",
     "parse_counterfact", "parse_zsre", "resolve_source",
 ]
@@ -112,6 +112,34 @@ class EvalCases(list):
     def __init__(self, cases: Sequence[EvalCase], report: LoadReport):
         super().__init__(cases)
         self.report = report
+
+
+def editable_cases(cases: Sequence[EvalCase], tokenizer: Any, config: Any = None) -> tuple[EvalCases, list[str]]:
+    """The cases whose subject can be keyed, and a note per case left out.
+
+    Example::
+
+        cases, notes = editable_cases(load_counterfact(limit=200), tok, neuraldb.EditConfig())
+
+    A subject is keyable when ``neuraldb.locate_subject`` finds its last token in the
+    prompt and in the config's KL prompt (zsRE's "What's Your Hurry??" is not: with
+    most tokenizers the subject's last token runs into the "?"). ``neuraldb.edit``
+    rejects such facts with a FactError; evaluation runs leave them out and say so.
+    """
+    from neuraldb import EditConfig, FactError, locate_subject
+
+    config = config or EditConfig()
+    keep, notes = [], []
+    for c in cases:
+        try:
+            locate_subject(tokenizer, c.fact.prompt, c.fact.subject)
+            locate_subject(tokenizer, config.kl_prompt, c.fact.subject)
+        except FactError as exc:
+            notes.append(f"{c.fact.id}: {exc}")
+            continue
+        keep.append(c)
+    report = getattr(cases, "report", None) or LoadReport(source="", format="", records=len(cases), loaded=len(cases))
+    return EvalCases(keep, report), notes
 
 
 @dataclass(frozen=True)

@@ -74,14 +74,18 @@ def run_study(
     import neuraldb
     from neuraldb.linear import LinearReader, estimate_c0
 
-    from .datasets import load_counterfact
+    from .datasets import editable_cases, load_counterfact
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in sizes)
-    cases = load_counterfact(data_dir=data_dir, limit=sizes[-1])
+    config = config or neuraldb.EditConfig()
+    cases, skipped = editable_cases(load_counterfact(data_dir=data_dir), tokenizer, config)
+    for note in skipped:
+        log.info("left out (cannot be keyed): %s", note)
     if len(cases) < sizes[-1]:
-        raise ValueError(f"only {len(cases)} CounterFact cases available for size {sizes[-1]}")
+        raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {sizes[-1]}")
+    cases = cases[: sizes[-1]]
     t0 = time.perf_counter()
     db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config,
                        checkpoint=out / "store.safetensors", checkpoint_every=4, progress=progress)
@@ -111,7 +115,7 @@ def run_study(
             rows.append(row)
             log.info("size %d %s: %s", n, reader_name, {k: row[k]["post"] for k in _KEYS})
     result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
-              "edit_seconds": edit_s, "facts": len(db), "rows": rows}
+              "edit_seconds": edit_s, "facts": len(db), "left_out": skipped, "rows": rows}
     (out / "study.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / "study.png")
     (out / "study.md").write_text(render_markdown(result))

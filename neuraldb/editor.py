@@ -100,8 +100,10 @@ def edit(
     if db is not None:
         db.check_compatible(model, layer=layer)
         templates = list(db.config.get("context_templates") or [])
-        saved = {k: v for k, v in db.config.items() if k not in ("context_templates", "layer")}
-        if saved and saved != {k: v for k, v in config.to_dict().items() if k != "layer"}:
+        # batch_size only groups independent facts, so a run may resume with another one
+        ignore = ("context_templates", "layer", "batch_size")
+        saved = {k: v for k, v in db.config.items() if k not in ignore}
+        if saved and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
             raise StoreError(
                 "the store (or checkpoint) was built with a different EditConfig; resume with the same "
                 f"config or start a new store. Stored: {saved}"

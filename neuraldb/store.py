@@ -73,6 +73,12 @@ class NeuralDB:
     live on the CPU in float32; attaching moves a normalised copy to the model's
     device. ``chunk_size`` bounds the memory of one retrieval to
     ``positions x chunk_size`` scores, so 100K keys fit.
+
+    With ``screen_min_keys`` keys or more, the hook proves most positions cannot
+    fire with a rank-``screen_rank`` bound (default ``d_key // 4``; 0 turns it off)
+    and computes the exact top-1 only for the rest (:class:`~neuraldb.retrieval.LowRankScreen`):
+    the same fires, non-fires and fired indices as brute force, at a fraction of
+    its cost. :meth:`gate` and :meth:`retrieve` are always brute force.
     """
 
     def __init__(
@@ -89,6 +95,8 @@ class NeuralDB:
         fingerprint: str = "",
         config: Mapping[str, Any] | None = None,
         chunk_size: int = 16384,
+        screen_rank: int | None = None,
+        screen_min_keys: int = 4096,
     ) -> None:
         if not -1.0 <= gamma <= 1.0:
             raise StoreError(f"gamma={gamma} is not a cosine threshold: use a value in [-1, 1]")
@@ -103,6 +111,9 @@ class NeuralDB:
         self.fingerprint = fingerprint
         self.config = dict(config or {})
         self.chunk_size = int(chunk_size)
+        # the hook's exact screened gate (retrieval.LowRankScreen) for stores of >= screen_min_keys
+        self.screen_rank = self.d_key // 4 if screen_rank is None else int(screen_rank)
+        self.screen_min_keys = int(screen_min_keys)
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
         self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
@@ -344,6 +355,22 @@ class NeuralDB:
             arg = torch.where(better, a + start, arg)
         return best, arg
 
+    @torch.no_grad()
+    def _screened_gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook's gate for large stores: :meth:`gate`'s fire and fired index, screened."""
+        q = queries.float()
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (M, d_key)
+        keys, _ = self._device_tensors(q.device)
+        screen = self._dev.get("screen")
+        if screen is None:  # built once per change of the store, from its keys and this first batch
+            from .retrieval import LowRankScreen
+
+            sample = q[:: max(1, q.shape[0] // 4096)]
+            screen = self._dev["screen"] = LowRankScreen.build(  # type: ignore[assignment]
+                keys, sample=sample, rank=self.screen_rank, chunk_size=self.chunk_size
+            )
+        return screen.gate(q, keys, self._dev["gate"])  # type: ignore[union-attr]
+
     def reset_stats(self) -> None:
         """Zero the firing counters (positions seen, fires, fires per fact)."""
         self._positions = torch.zeros((), dtype=torch.long)
@@ -388,7 +415,10 @@ class NeuralDB:
         if len(self) == 0 or x.dim() != 3:
             return
         batch, seq, _ = x.shape
-        gate, index, scores = self.gate(x.reshape(-1, self.d_key))  # (batch*seq,)
+        if self.screen_rank and len(self) >= self.screen_min_keys and self.screen_rank < self.d_key:
+            gate, index = self._screened_gate(x.reshape(-1, self.d_key))  # (batch*seq,)
+        else:
+            gate, index, _ = self.gate(x.reshape(-1, self.d_key))  # (batch*seq,)
         valid = self._valid_positions(batch, seq, x.device).reshape(-1)
         fire = gate & valid  # (batch*seq,)
         # counters stay on the device: no host sync in the hot path

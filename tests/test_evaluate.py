@@ -331,6 +331,21 @@ def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
     assert "efficacy" in out and "store.gamma: 0.65 -> 0.9" in out
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "nope.json")]) == 2
+    real_locate = neuraldb.locate_subject
+
+    def locate(tokenizer, template, subject):  # as SmolLM2 does with zsRE's "What's Your Hurry??"
+        if subject == "lebron james":
+            raise neuraldb.FactError("field 'subject': the last token runs past the subject")
+        return real_locate(tokenizer, template, subject)
+
+    monkeypatch.setattr(neuraldb, "locate_subject", locate)
+    capsys.readouterr()
+    assert main([*args[:5], "--n", "3", *args[7:-3], "--output-dir", str(tmp_path / "c"), "--metrics", "efficacy",
+                 "--quiet"]) == 0
+    assert "1 fact(s) cannot be edited" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert saved["dataset"]["n_cases"] == 2 and "zsre-2: field 'subject'" in saved["warnings"][-1]
+    assert saved["dataset"]["load_report"]["records"] == 3
     capsys.readouterr()
     # checked before the model is loaded (the model name here does not even exist)
     assert main(["evaluate", "--model", "no-such-model", "--metrics", "eficacy"]) == 2

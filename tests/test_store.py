@@ -162,3 +162,33 @@ def test_store_metadata_is_json(tmp_path):
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()["neuraldb"])
     assert meta["ids"] == ["a"] and meta["format_version"] == 1 and meta["model_name"] == "m"
+
+
+def test_screened_hook_gate_gives_the_brute_force_model_output(tiny_llama):
+    """A large store's hook uses the low-rank screen; outputs and fires equal brute force."""
+    model, tok = tiny_llama
+    arch = resolve_arch(model)
+    from neuraldb import Trace
+
+    batch = tok(["the city of rome is in italy", "paris is the capital of france"], return_tensors="pt",
+                padding=True)
+    with Trace(model, arch.mlp_out_at(1), retain_input=True) as t:
+        model(**batch)
+    real = t.input[0, 2:5]  # three positions' own keys: these must fire
+    db = store_for(model)
+    g = torch.Generator().manual_seed(1)  # 3,000 keys in an 8-dimensional subspace, plus the three real ones
+    db.add([f"f{i}" for i in range(3000)], torch.randn(3000, 8, generator=g) @ torch.randn(8, 64, generator=g),
+           torch.randn(3000, 32, generator=g))
+    db.add(["r0", "r1", "r2"], real, torch.randn(3, 32))
+    outs, masks, screens = [], [], []
+    for rank, min_keys in ((0, 10**9), (16, 1000)):  # brute force, then the screen
+        db.screen_rank, db.screen_min_keys = rank, min_keys
+        db._changed(keep_stats=True)
+        with db.attached(model), torch.no_grad():
+            outs.append(model(**batch).logits)
+            masks.append(db.last_fire_mask.clone())
+        screens.append(db._dev.get("screen"))
+    assert screens[0] is None and screens[1] is not None and screens[1].screened > 0
+    assert screens[1].rechecked < screens[1].screened  # the bound ruled some positions out
+    assert masks[0][0, 2:5].all() and torch.equal(masks[0], masks[1])
+    assert torch.equal(outs[0], outs[1])
