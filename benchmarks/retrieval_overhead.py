@@ -9,8 +9,12 @@ Input: ``--batch`` LAMBADA passages (data dir) truncated to ``--tokens`` tokens
 layer ``--layer`` on random token sequences (the right dimension and scale; keys
 from real facts behave alike for cost), residuals random. For each size the
 store is attached and the forward pass timed (warm-up, then the median of
-``--reps``); the gate's decisions are checked against brute-force top-1 cosine.
-Also prints memory per stored fact and the store's file size.
+``--reps``), once with the store's default exact screened gate (a low-rank bound,
+then exact top-1 for the positions it cannot rule out; see
+``neuraldb.retrieval.LowRankScreen``) and once with the naive exact scan
+(``screen_rank=0``); the gate's decisions of both are checked against brute-force
+top-1 cosine. Also prints the fraction of positions the screen re-checked, memory
+per stored fact and the store's file size.
 """
 
 from __future__ import annotations
@@ -88,34 +92,43 @@ def main() -> None:
     base = timed()
     dev = device_name(args.device)
     print(f"device: {dev}; model {args.model}, layer {layer}; input {tuple(enc.input_ids.shape)} (batch, tokens)")
-    print(f"{'facts':>8} | {'median ms':>9} | {'x unedited':>10} | fires | decisions == brute force | bytes/fact | file MB")
-    print(f"{'none':>8} | {1000 * base:9.1f} | {1.0:10.2f} |")
+    print(f"{'facts':>8} | {'gate':>8} | {'median ms':>9} | {'x unedited':>10} | fires | == brute force | rechecked | bytes/fact | file MB")
+    print(f"{'none':>8} | {'-':>8} | {1000 * base:9.1f} | {1.0:10.2f} |")
     results = {"device": dev, "shape": list(enc.input_ids.shape), "unedited_ms": 1000 * base, "sizes": {}}
     d_model = model.get_input_embeddings().weight.shape[1]
+    valid = enc.attention_mask.bool().clone()
+    valid[:, 0] = False
     for n in sizes:
         db = NeuralDB(layer=layer, d_key=keys.shape[1], d_model=d_model, gamma=0.65, module_template=arch.mlp_out,
                       residual_template=arch.residual_out)
         if n:
             db.add([str(i) for i in range(n)], keys[:n], torch.randn(n, d_model))
-        with db.attached(model):
-            ms = timed()
-            db.reset_stats()
-            with torch.no_grad():
-                model(**enc)
-            fired = db.last_fire_mask.reshape(-1).cpu() if n else torch.zeros(0, dtype=torch.bool)
-            fires = db.stats()["fires"]
-        if n:
-            s, i = top1(queries, unit_rows(db.keys).to(queries.device))
-            valid = enc.attention_mask.bool().clone()
-            valid[:, 0] = False
-            same = torch.equal(fired, ((s > db.gamma).cpu() & valid.reshape(-1).cpu()))
-        else:
-            same = True
         with tempfile.TemporaryDirectory() as tmp:
             size = db.save(Path(tmp) / "s.safetensors").stat().st_size
         per_fact = (db.keys.element_size() * db.d_key + db.residuals.element_size() * db.d_model)
-        print(f"{n:>8} | {1000 * ms:9.1f} | {ms / base:10.2f} | {fires:5d} | {str(same):>24} | {per_fact:10d} | {size / 1e6:7.1f}")
-        results["sizes"][n] = {"ms": 1000 * ms, "ratio": ms / base, "fires": fires, "exact": same, "file_bytes": size}
+        if n:
+            s, i = top1(queries, unit_rows(db.keys).to(queries.device))
+            want = (s > db.gamma).cpu() & valid.reshape(-1).cpu()
+        results["sizes"][n] = {"file_bytes": size, "bytes_per_fact": per_fact}
+        for mode, rank in (("screened", None), ("naive", 0)):
+            if mode == "screened" and not (n and n >= db.screen_min_keys):
+                continue  # small stores always scan
+            db.screen_rank = db.d_key // 4 if rank is None else rank
+            db._changed()
+            with db.attached(model):
+                ms = timed()
+                db.reset_stats()
+                with torch.no_grad():
+                    model(**enc)
+                fired = db.last_fire_mask.reshape(-1).cpu() if n else torch.zeros(0, dtype=torch.bool)
+                fires = db.stats()["fires"]
+            screen = db._dev.get("screen")
+            rechecked = f"{screen.rechecked / max(1, screen.screened):9.1%}" if screen is not None else f"{'-':>9}"
+            same = torch.equal(fired, want) if n else True
+            print(f"{n:>8} | {mode:>8} | {1000 * ms:9.1f} | {ms / base:10.2f} | {fires:5d} | {str(same):>14} | "
+                  f"{rechecked} | {per_fact:10d} | {size / 1e6:7.1f}")
+            results["sizes"][n][mode] = {"ms": 1000 * ms, "ratio": ms / base, "fires": fires, "exact": same,
+                                         "rechecked": None if screen is None else screen.rechecked / max(1, screen.screened)}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

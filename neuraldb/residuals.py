@@ -185,16 +185,10 @@ def compute_residuals(
     cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     layer_names = [arch.layer(i) for i in range(layer + 1)]
 
+    layer_name = arch.layer(layer)
+    state: dict[str, Any] = {}
+    start, cache = 0, None
     with torch.no_grad():
-        with TraceDict(model, [arch.layer(layer)]) as td:
-            full = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        tuple_out = td[arch.layer(layer)].output_is_tuple
-        h = td[arch.layer(layer)].output.float()  # (n_seq, width, d_model), cached layer-l output
-        p_orig = F.log_softmax(full[kl_rows, kl_col].float(), dim=-1)  # (n_facts, vocab)
-        h_norm = h[rows[torch.tensor([s.bare for s in seqs], device=device)], s0].norm(dim=1)  # ROME's target_init
-        want = full[tok_row, tok_col].float()
-        del full
-        start, cache = 0, None
         if prefix_cache and s0 > 0:
             try:  # keys and values of the columns before s0, which no delta can change
                 out = base(input_ids=ids[:, :s0], attention_mask=mask[:, :s0], position_ids=positions[:, :s0], use_cache=True)
@@ -203,49 +197,93 @@ def compute_residuals(
             except Exception as exc:  # noqa: BLE001 - a model without a usable cache: recompute every column
                 log.info("no prefix cache for %s (%s); recomputing every column", type(model).__name__, exc)
 
-    state: dict[str, torch.Tensor] = {}
-
     def bypass(name: str):
         def run(*args: Any, **kwargs: Any) -> Any:
             hidden = args[0] if args else kwargs["hidden_states"]
-            if name == arch.layer(layer):
+            if name == layer_name:
                 hidden = state["h"]
-            return (hidden,) if tuple_out else hidden
+            return (hidden,) if state["tuple_out"] else hidden
 
         return run
 
-    def forward(sel: torch.Tensor, end: int, h_edit: torch.Tensor, sub_cache: Any) -> torch.Tensor:
-        """Last hidden states (len(sel), end - start, d_model) with layer ``layer`` replaced by ``h_edit``."""
-        state["h"] = h_edit.to(dtype)  # the model's dtype (h is kept in float32)
-        kwargs = {cache_kw: sub_cache, "use_cache": True} if start else {"use_cache": False}
-        with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
-            return base(
-                input_ids=ids[sel, start:end], attention_mask=mask[sel, :end], position_ids=positions[sel, start:end],
-                **kwargs,
-            ).last_hidden_state
+    def run(sel: torch.Tensor, end: int, sub_cache: Any, h_edit: torch.Tensor | None = None) -> Any:
+        """Final hidden states (len(sel), end - start, d_model) of columns ``start..end``.
 
-    def check() -> bool:
-        """Every group's shortcut logits (cached prefix, base model + LM head) equal the full pass's."""
-        got = torch.empty_like(want)
+        With ``h_edit`` the layers up to ``layer`` are bypassed and layer ``layer``
+        outputs ``h_edit``; without it every layer runs and layer ``layer``'s output is
+        recorded in ``state["rec"]``.
+        """
+        kwargs = {cache_kw: sub_cache, "use_cache": True} if start else {"use_cache": False}
+        call = dict(input_ids=ids[sel, start:end], attention_mask=mask[sel, :end],
+                    position_ids=positions[sel, start:end], **kwargs)
+        if h_edit is None:
+            with TraceDict(model, [layer_name]) as td:
+                last = base(**call).last_hidden_state
+            state["rec"] = td[layer_name]
+            return last
+        state["h"] = h_edit.to(dtype)  # the model's dtype (h is kept in float32)
+        with TraceDict(model, layer_names, retain_output=False, bypass=bypass):
+            return base(**call).last_hidden_state
+
+    def remap_of(sel: torch.Tensor) -> torch.Tensor:
+        remap = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
+        remap[sel] = torch.arange(len(sel), device=device)
+        return remap
+
+    probe = rows[owner == 0]  # the first fact's sequences check the shortcuts against the full model
+    probe_tok = (owner[tok_row] == 0).nonzero().flatten()
+
+    @torch.no_grad()
+    def initial() -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Layer ``layer``'s output h (n_seq, width, d_model) for columns ``start..``, p_orig,
+        and whether the shortcuts (cached prefix, per-group columns, base model + LM head,
+        bypassed layers) reproduce the full model on the probe sequences."""
+        h = p_orig = None
+        got = {}
         for g, end in enumerate(group_end):
             sel = rows[group_of == g]
-            remap = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
-            remap[sel] = torch.arange(len(sel), device=device)
-            out = forward(sel, end, h[sel, start:end], _copy_cache(cache, sel) if start else None)
-            t = group_of[tok_row] == g
-            got[t] = lm_logits(model, out[remap[tok_row[t]], tok_col[t] - start]).float()
-        return torch.allclose(got, want, atol=1e-3, rtol=1e-3)
+            remap = remap_of(sel)
+            last = run(sel, end, _copy_cache(cache, sel) if start else None)
+            rec = state["rec"]
+            state["tuple_out"] = rec.output_is_tuple
+            if h is None:
+                h = torch.zeros(len(seqs), ids.shape[1], rec.output.shape[-1], device=device)
+            h[sel, start:end] = rec.output.float()
+            k = (kl_group == g).nonzero().flatten()  # facts whose KL row is in this group
+            if len(k):
+                lp = F.log_softmax(lm_logits(model, last[remap[kl_rows[k]], kl_col[k] - start]).float(), dim=-1)
+                if p_orig is None:
+                    p_orig = torch.empty(n, lp.shape[-1], device=device)
+                p_orig[k] = lp
+            t = probe_tok[tok_group[probe_tok] == g]
+            if len(t):
+                got[g] = (t, lm_logits(model, last[remap[tok_row[t]], tok_col[t] - start]).float())
+                # the bypass used by the optimisation gives the same final states
+                ps = probe[group_of[probe] == g]
+                again = run(ps, end, _copy_cache(cache, ps) if start else None, h[ps, start:end])
+                got[g] += (lm_logits(model, again[remap_of(ps)[tok_row[t]], tok_col[t] - start]).float(),)
+        full = model(input_ids=ids[probe], attention_mask=mask[probe], position_ids=positions[probe],
+                     use_cache=False).logits
+        local = remap_of(probe)
+        ok = True
+        for t, direct, bypassed in got.values():
+            want = full[local[tok_row[t]], tok_col[t]].float()
+            ok = ok and torch.allclose(direct, want, atol=1e-3, rtol=1e-3)
+            ok = ok and torch.allclose(bypassed, want, atol=1e-3, rtol=1e-3)
+        return h, p_orig, ok
 
-    with torch.no_grad():
-        if start and not check():
-            log.info("prefix cache does not reproduce the full pass for %s; recomputing every column", type(model).__name__)
-            start = 0
-        if not start and not check():
-            raise RuntimeError(
-                f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
-                "logits; this architecture post-processes logits in a way neuraldb does not know"
-            )
-        del want
+    tok_group, kl_group = group_of[tok_row], group_of[kl_rows]
+    h, p_orig, ok = initial()
+    if start and not ok:
+        log.info("prefix cache does not reproduce the full pass for %s; recomputing every column", type(model).__name__)
+        start = 0
+        h, p_orig, ok = initial()
+    if not ok:
+        raise RuntimeError(
+            f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
+            "logits; this architecture post-processes logits in a way neuraldb does not know"
+        )
+    h_norm = h[rows[torch.tensor([s.bare for s in seqs], device=device)], s0].norm(dim=1)  # ROME's target_init
 
     delta = torch.zeros(n, h.shape[-1], device=device, requires_grad=True)  # (n_facts, d_model)
     opt = torch.optim.Adam([delta], lr=config.lr)
@@ -255,7 +293,6 @@ def compute_residuals(
     last_nll = torch.zeros(n, device=device)
     max_norm = config.clamp_norm_factor * h_norm  # (n_facts,)
     cuts: dict[int, tuple[tuple[int, ...], Any]] = {}  # group -> (its active rows, their prefix cache)
-    tok_group, kl_group = group_of[tok_row], group_of[kl_rows]
 
     with _frozen(model), torch.enable_grad():
         for step in range(config.steps):
@@ -276,7 +313,7 @@ def compute_residuals(
                 remap[sel] = torch.arange(len(sel), device=device)
                 h_edit = h[sel, start:end].clone()  # (n_sel, end - start, d_model)
                 h_edit[:, s0 - start] += delta[owner[sel]]
-                out = forward(sel, end, h_edit, step_cache)  # (n_sel, end - start, d_model)
+                out = run(sel, end, step_cache, h_edit)  # (n_sel, end - start, d_model)
                 tok_on = seq_on[tok_row] & (tok_group == g)
                 logits = lm_logits(model, out[remap[tok_row[tok_on]], tok_col[tok_on] - start]).float()  # (n_tok, vocab)
                 tok_nll = F.cross_entropy(logits, tok_lab[tok_on], reduction="none") * tok_w[tok_on]

@@ -150,22 +150,48 @@ class LowRankScreen:
         return best
 
     @torch.no_grad()
-    def gate(self, q: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gate(self, q: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor,
+             dense_after: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """(fire (M,) bool, index (M,) long; -1 where it does not fire) for unit queries ``q``.
 
         ``thresholds`` (N,) are the per-key gates (``max(gamma, thresholds)``); a query
-        fires when its exact top-1 cosine exceeds its top-1 key's threshold.
+        fires when its exact top-1 cosine exceeds its top-1 key's threshold. Exact
+        cosines are computed only for the (query, key) pairs whose bound reaches
+        ``min(thresholds) - margin`` (a dense product for a query with more than
+        ``dense_after`` such keys in a chunk): the best of them is the brute-force top-1
+        whenever that top-1 could pass any threshold.
         """
-        fire = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-        index = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
-        if keys.shape[0] == 0 or q.shape[0] == 0:
+        m = q.shape[0]
+        fire = torch.zeros(m, dtype=torch.bool, device=q.device)
+        index = torch.full((m,), -1, dtype=torch.long, device=q.device)
+        if keys.shape[0] == 0 or m == 0:
             return fire, index
-        maybe = (self.bound(q) >= thresholds.min() - self.margin).nonzero().squeeze(1)  # (m,)
-        self.screened += q.shape[0]
-        self.rechecked += maybe.numel()
-        if maybe.numel():
-            score, idx = top1(q[maybe], keys, chunk_size=self.chunk_size)
-            hit = score > thresholds[idx]
-            fire[maybe] = hit
-            index[maybe] = torch.where(hit, idx, torch.full_like(idx, -1))
-        return fire, index
+        floor = thresholds.min() - self.margin
+        q_low = self._lift(q.float(), self.basis).to(self.keys_low.dtype)  # (M, r + 1)
+        best = torch.full((m,), float("-inf"), device=q.device)
+        arg = torch.full((m,), -1, dtype=torch.long, device=q.device)
+        touched = torch.zeros(m, dtype=torch.bool, device=q.device)
+        for c0 in range(0, keys.shape[0], self.chunk_size):
+            chunk = keys[c0 : c0 + self.chunk_size]  # (C, d)
+            maybe = (q_low @ self.keys_low[c0 : c0 + self.chunk_size].T) >= floor  # (M, C) bound reaches the floor
+            count = maybe.sum(dim=1)  # (M,)
+            touched |= count > 0
+            dense = (count > dense_after).nonzero().squeeze(1)  # queries near many keys: one product
+            if dense.numel():
+                s, a = (q[dense] @ chunk.T).max(dim=1)
+                better = s > best[dense]
+                best[dense] = torch.where(better, s, best[dense])
+                arg[dense] = torch.where(better, a + c0, arg[dense])
+            qi, kj = (maybe & (count <= dense_after).unsqueeze(1)).nonzero(as_tuple=True)  # (p,) pairs
+            if qi.numel():
+                s = (q[qi] * chunk[kj]).sum(dim=1)  # (p,) exact cosines of the pairs
+                top = torch.full((m,), float("-inf"), device=q.device).scatter_reduce(0, qi, s, "amax")
+                first = torch.full((m,), keys.shape[0], dtype=torch.long, device=q.device).scatter_reduce(
+                    0, qi[s == top[qi]], kj[s == top[qi]] + c0, "amin")  # lowest index among ties, as argmax
+                better = top > best
+                best = torch.where(better, top, best)
+                arg = torch.where(better, first, arg)
+        self.screened += m
+        self.rechecked += int(touched.sum())
+        hit = (arg >= 0) & (best > thresholds[arg.clamp_min(0)])
+        return hit, torch.where(hit, arg, index)

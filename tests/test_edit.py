@@ -35,6 +35,23 @@ def test_edit_makes_targets_on_every_family(tiny):
     assert [next_token(model, tok, f.text) for f in FACTS] == before  # detached = original
 
 
+def test_cached_prefix_and_width_groups_give_the_plain_residuals(tiny):
+    """The shortcuts of compute_residuals (cached prefix, per-width groups, bypassed layers)
+    give the residuals of recomputing every column, on every family."""
+    from neuraldb.keys import context_templates
+    from neuraldb.residuals import compute_residuals
+
+    model, tok = tiny
+    facts = FACTS + [Fact(prompt="{} plays the sport of", subject="lebron james", target_new="golf club", id="e4")]
+    cfg = EditConfig(layer=1, steps=6, context_prefixes=("the", "i"), context_length=3)
+    tm = context_templates(model, tok, prefixes=cfg.context_prefixes, length=cfg.context_length)
+    fast, info = compute_residuals(model, tok, facts, layer=1, templates=tm, config=cfg)
+    slow, info_slow = compute_residuals(model, tok, facts, layer=1, templates=tm, config=cfg, prefix_cache=False)
+    assert fast.shape == (4, 32) and (fast.norm(dim=1) > 0).all()
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-3), (fast - slow).abs().max()
+    assert info.steps == info_slow.steps
+
+
 def test_edit_leaves_the_model_unchanged(tiny_llama):
     model, tok = tiny_llama
     state = {k: v.clone() for k, v in model.state_dict().items()}
