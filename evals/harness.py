@@ -127,8 +127,9 @@ class NeuralDBLM(HFLM):
         if isinstance(db, (str, os.PathLike)):
             db = NeuralDB.load(db, model=self.model)
         elif db is not None:
-            if not isinstance(db, NeuralDB):
-                raise TypeError(f"db must be a store file or a NeuralDB, not {type(db).__name__}")
+            if not all(hasattr(db, a) for a in ("attach", "detach", "check_compatible", "stats")):
+                raise TypeError(f"db must be a store file, a NeuralDB or a reader of one (e.g. "
+                                f"neuraldb.linear.LinearReader), not {type(db).__name__}")
             db.check_compatible(self.model)
         if db is not None and gamma is not None:
             if not -1.0 <= float(gamma) <= 1.0:

@@ -211,3 +211,23 @@ def test_command_line_options(tmp_path):
     assert args.data_dir == "/d" and args.lm_eval_args == ["--", "--model", "neuraldb", "--tasks", "sciq"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_harness(argparse.Namespace(data_dir=str(tmp_path / "missing"), lm_eval_args=["--", "--help"]))
+
+
+def test_linear_reader_runs_through_the_harness(edited):
+    """The study evaluates the linear reader on the general tasks: the weight edit is in
+    place during each call and the model is restored bit for bit afterwards."""
+    from neuraldb.linear import LinearReader
+
+    model, tok, path = edited
+    reader = LinearReader(store(model, path, 0.65), lam=1e-3)
+    proj = model.get_submodule(reader.db.module_name(model))
+    weight = proj.weight.detach().clone()
+    lm = NeuralDBLM(pretrained=model, tokenizer=tok, db=reader, batch_size=3)
+    lm.edited = False
+    before = lm.loglikelihood(requests())
+    lm.edited = True
+    after = lm.loglikelihood(requests())
+    assert [a[0] for a in after] != [b[0] for b in before]  # every position changes a little
+    assert torch.equal(proj.weight, weight) and not reader.is_attached
+    with pytest.raises(TypeError, match="reader"):
+        NeuralDBLM(pretrained=model, tokenizer=tok, db=object())
