@@ -117,7 +117,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model)
     facts = _load_facts(args.facts)[: args.n]
-    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size)
+    cfg = EditConfig(layer=args.layer, **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     db = edit(model, tok, facts, config=cfg, checkpoint=args.checkpoint or args.out)
     db.save(args.out)
     print(f"{len(db)} facts -> {args.out}")
@@ -138,7 +138,7 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--checkpoint", default=None)
     ed.add_argument("--n", type=int, default=None)
     ed.add_argument("--layer", type=int, default=None)
-    ed.add_argument("--batch-size", type=int, default=16)
+    ed.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 64)")
     ed.set_defaults(func=_cmd_edit)
 
 
