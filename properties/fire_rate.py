@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         texts = [p for _, p in items]
         owner = torch.tensor([row_of[f.id] for f, _ in items])
         acc = {g.name: {"any": torch.zeros(len(items), dtype=torch.bool),
-                        "subj": torch.zeros(len(items), dtype=torch.bool), "wrong": 0} for g in gates}
+                        "subj": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
+                        "miss_below": 0, "miss_other": 0} for g in gates}
         has_subj = torch.zeros(len(items), dtype=torch.bool)
         for rows, a, valid, _, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
                                                      batch_size=args.batch_size, subjects=[f.subject for f, _ in items],
@@ -264,12 +265,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 acc[g.name]["wrong"] += int((fire & ~own).sum())
                 acc[g.name]["any"][r] = own.any(dim=1)
                 acc[g.name]["subj"][r] = ok & own.gather(1, sp.clamp_min(0).unsqueeze(1)).squeeze(1)
+                # why the subject token missed: its top-1 is its own fact but below the gate, or another fact
+                top_own = index.gather(1, sp.clamp_min(0).unsqueeze(1)).squeeze(1) == owner[r]
+                missed = ok & ~acc[g.name]["subj"][r]
+                acc[g.name]["miss_below"] += int((missed & top_own).sum())
+                acc[g.name]["miss_other"] += int((missed & ~top_own).sum())
         for g in gates:
             x = acc[g.name]
             g.recall[name] = {"prompts": len(items), "recall_any": round(float(x["any"].float().mean()), 4),
                               "recall_subject": round(float(x["subj"][has_subj].float().mean()), 4)
                               if has_subj.any() else None,
-                              "subject_located": int(has_subj.sum()), "fires_on_other_facts": x["wrong"]}
+                              "subject_located": int(has_subj.sum()), "fires_on_other_facts": x["wrong"],
+                              "subject_misses": {"own_key_below_gate": x["miss_below"],
+                                                 "other_key_nearer": x["miss_other"]}}
     report["gates"] = []
     for g in gates:
         g.worst.sort(reverse=True)
@@ -311,6 +319,10 @@ def render(report: dict[str, Any]) -> str:
                 subj = f"{r['recall_subject']:.4f}" if r["recall_subject"] is not None else "n/a"
                 lines.append(f"  {name} recall: any position {r['recall_any']:.4f}, subject token {subj} "
                              f"({r['prompts']} prompts; {r['fires_on_other_facts']} fires on other facts)")
+                m = r.get("subject_misses")
+                if m:
+                    lines.append(f"    subject-token misses: own key top-1 but below the gate {m['own_key_below_gate']}, "
+                                 f"another fact's key nearer {m['other_key_nearer']}")
     lines.append(f"total {report['total_s']} s")
     return "\n".join(lines)
 
