@@ -1,6 +1,5 @@
 """`python -m properties.fire_rate` end to end on SmolLM2 (a few facts, a few passages)."""
 
-
 import json
 
 
