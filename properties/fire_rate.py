@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         d, f = args.model_gguf.split(":", 1)
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval().to(args.device)
-        tok = AutoTokenizer.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
         tok.pad_token = tok.pad_token or tok.eos_token
     else:
         model, tok = neuraldb.load_model(args.model, device=args.device)
