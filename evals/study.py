@@ -12,7 +12,9 @@ size and reader the first ``eval_cases`` edited cases are evaluated with
 ``neuraldb.evaluate`` (ES / PS / NS, and the general tasks with a small limit),
 pre and post, with every fact of that size in the store. The linear reader writes
 the same keys and residuals into the layer's weight in closed form (MEMIT,
-METHOD.md section 7) with ``C0`` estimated on LAMBADA passages. Results:
+METHOD.md section 7) with ``C0`` estimated on LAMBADA passages. The calibrated reader is
+the gated store with per-key thresholds (``NeuralDB.calibrate``, margin 0.05) fitted
+on the last ``calib_texts`` LAMBADA passages, which the general tasks never sample. Results:
 ``study.json``, ``study.md`` and ``study.png`` in ``output_dir``; each (size, reader)
 evaluation is its own resumable run folder.
 """
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 __all__ = ["run_study", "add_study_arguments", "run_study_cli"]
 
 _KEYS = ("efficacy", "generalization", "specificity")
+# gated: the paper's gate (global gamma); calibrated: plus per-key thresholds fitted on held-out
+# generic text (the last LAMBADA passages, never the general-task sample); linear: MEMIT's closed form
+READERS = ("gated", "calibrated", "linear")
 
 
 def _prefix(db: Any, n: int) -> Any:
@@ -58,7 +63,7 @@ def run_study(
     tokenizer: Any,
     *,
     sizes: Sequence[int] = (100, 500, 1000, 2000),
-    readers: Sequence[str] = ("gated", "linear"),
+    readers: Sequence[str] = READERS,
     eval_cases: int = 100,
     general_tasks: Sequence[str] | str | None = None,
     general_limit: int | None = 20,
@@ -67,11 +72,14 @@ def run_study(
     config: Any = None,
     lam: float = 15000.0,
     c0_texts: int = 200,
+    calib_texts: int = 1000,
+    calib_margin: float = 0.05,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Edit ``max(sizes)`` CounterFact facts once, evaluate both readers at every size."""
     import neuraldb
+    from neuraldb.keys import calibration_queries
     from neuraldb.linear import LinearReader, estimate_c0
 
     from .datasets import editable_cases, load_counterfact
@@ -86,17 +94,29 @@ def run_study(
     if len(cases) < sizes[-1]:
         raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {sizes[-1]}")
     cases = cases[: sizes[-1]]
+    ckpt = out / "store.safetensors"
+    resumed = len(neuraldb.NeuralDB.load(ckpt, model=model)) if ckpt.is_file() else 0
     t0 = time.perf_counter()
     db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config,
-                       checkpoint=out / "store.safetensors", checkpoint_every=4, progress=progress)
+                       checkpoint=ckpt, checkpoint_every=4, progress=progress)
     edit_s = time.perf_counter() - t0
+    unknown = sorted(set(readers) - set(READERS))
+    if unknown:
+        raise ValueError(f"readers {unknown} unknown: use some of {list(READERS)}")
     c0 = estimate_c0(model, tokenizer, _generic_texts(data_dir, c0_texts), layer=db.layer,
                      module_template=db.module_template) if "linear" in readers else None
+    calib = calibration_queries(model, tokenizer, _generic_texts(data_dir, calib_texts), layer=db.layer) \
+        if "calibrated" in readers else None
     rows = []
     for n in sizes:
-        sub = _prefix(db, n)
         for reader_name in readers:
-            reader = sub if reader_name == "gated" else LinearReader(sub, c0=c0, lam=lam)
+            sub = _prefix(db, n)
+            if reader_name == "linear":
+                reader = LinearReader(sub, c0=c0, lam=lam)
+            else:
+                reader = sub
+                if reader_name == "calibrated":  # per-key thresholds from held-out generic text
+                    sub.calibrate(calib, margin=calib_margin)
             report = neuraldb.evaluate(
                 model, reader, tokenizer=tokenizer, dataset=list(cases[: min(n, eval_cases)]),
                 metrics=list(_KEYS), batch_size=batch_size, output_dir=out / f"{reader_name}-{n}",
@@ -109,13 +129,14 @@ def run_study(
             if report.get("general"):
                 row["general"] = {
                     t: {"before": v.get("before"), "after": v.get("after"), "identical": v.get("identical_fraction"),
-                        "fire_rate": (v.get("gate") or {}).get("rate")}
+                        "fire_rate": (v.get("firing") or v.get("gate") or {}).get("rate")}
                     for t, v in (report["general"].get("tasks") or {}).items()
                 }
             rows.append(row)
             log.info("size %d %s: %s", n, reader_name, {k: row[k]["post"] for k in _KEYS})
     result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
-              "edit_seconds": edit_s, "facts": len(db), "left_out": skipped, "rows": rows}
+              "edit_seconds": edit_s, "facts": len(db), "edited_this_call": len(db) - resumed,
+              "left_out": skipped, "rows": rows}
     (out / "study.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / "study.png")
     (out / "study.md").write_text(render_markdown(result))
@@ -126,11 +147,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Scaling study: gated vs linear reader ({result['model']}, layer {result['layer']}, gamma {result['gamma']})",
         "",
-        f"{result['facts']} CounterFact facts edited once in {result['edit_seconds']:.0f} s; each size is a prefix "
-        f"of that store. Post-edit scores in percent (pre-edit in brackets) on the first edited cases.",
+        f"{result['facts']} CounterFact facts edited once ({_edit_note(result)}); each size is a prefix of that "
+        f"store. Post-edit scores in percent (pre-edit in brackets) on the first edited cases; general tasks "
+        f"at a small limit, with the largest share of gated positions where the gate fired.",
         "",
-        "| facts | reader | cases | efficacy (ES) | generalization (PS) | specificity (NS) | general tasks (before -> after) |",
-        "|---:|---|---:|---:|---:|---:|---|",
+        "| facts | reader | cases | efficacy (ES) | generalization (PS) | specificity (NS) | general tasks (before -> after) | gate fires |",
+        "|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in result["rows"]:
         general = "; ".join(
@@ -138,9 +160,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             if v.get("before") is not None and v.get("after") is not None
         )
         cells = " | ".join(f"{r[k]['post']:.1f} ({r[k]['pre']:.1f})" for k in _KEYS)
-        lines.append(f"| {r['size']} | {r['reader']} | {r['eval_cases']} | {cells} | {general or '-'} |")
+        rates = [v["fire_rate"] for v in (r.get("general") or {}).values() if v.get("fire_rate") is not None]
+        fires = f"{100 * max(rates):.2f}%" if rates and r["reader"] == "gated" else "-"
+        lines.append(f"| {r['size']} | {r['reader']} | {r['eval_cases']} | {cells} | {general or '-'} | {fires} |")
     lines += ["", "![scaling](study.png)", ""]
     return "\n".join(lines)
+
+
+def _edit_note(result: dict[str, Any]) -> str:
+    done = result.get("edited_this_call", result["facts"])
+    if done == result["facts"]:
+        return f"in {result['edit_seconds']:.0f} s"
+    return (f"{done} in this call ({result['edit_seconds']:.0f} s), {result['facts'] - done} resumed from "
+            f"the checkpoint store.safetensors")
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -151,7 +183,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     for ax, key in zip(axes, _KEYS):
-        for reader, style in (("gated", "o-"), ("linear", "s--")):
+        for reader, style in (("gated", "o-"), ("calibrated", "^-"), ("linear", "s--")):
             pts = [(r["size"], r[key]["post"]) for r in result["rows"] if r["reader"] == reader]
             if pts:
                 ax.plot(*zip(*pts), style, label=reader)
@@ -169,7 +201,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sizes", default="100,500,1000,2000")
-    p.add_argument("--readers", default="gated,linear")
+    p.add_argument("--readers", default=",".join(READERS), help="some of " + ", ".join(READERS))
     p.add_argument("--eval-cases", type=int, default=100)
     p.add_argument("--general-tasks", default=None, help="'all' or a comma list (small limit)")
     p.add_argument("--general-limit", type=int, default=20)

@@ -39,7 +39,7 @@ def test_study_runs_both_readers_on_prefixes_and_resumes(tiny_llama, data_dir, t
     result = run_study(model, tok, sizes=[2, 3], eval_cases=2, output_dir=out, data_dir=data_dir,
                        config=CFG, lam=1e-4, progress=False)
     rows = {(r["size"], r["reader"]): r for r in result["rows"]}
-    assert set(rows) == {(2, "gated"), (2, "linear"), (3, "gated"), (3, "linear")}
+    assert set(rows) == {(n, r) for n in (2, 3) for r in ("gated", "calibrated", "linear")}
     assert rows[(2, "gated")]["efficacy"]["post"] == 100.0  # tiny edits that end on the subject
     for r in result["rows"]:
         assert r["efficacy"]["pre"] == rows[(2, "gated")]["efficacy"]["pre"]  # same unedited model
@@ -52,4 +52,5 @@ def test_study_runs_both_readers_on_prefixes_and_resumes(tiny_llama, data_dir, t
     again = run_study(model, tok, sizes=[2, 3], eval_cases=2, output_dir=out, data_dir=data_dir,
                       config=CFG, lam=1e-4, progress=False)
     assert again["rows"] == result["rows"]
-    assert "gated" in render_markdown(again)
+    assert result["edited_this_call"] == 3 and again["edited_this_call"] == 0
+    assert "0 in this call" in render_markdown(again) and "3 resumed from the checkpoint" in render_markdown(again)
