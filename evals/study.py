@@ -161,7 +161,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         )
         cells = " | ".join(f"{r[k]['post']:.1f} ({r[k]['pre']:.1f})" for k in _KEYS)
         rates = [v["fire_rate"] for v in (r.get("general") or {}).values() if v.get("fire_rate") is not None]
-        fires = f"{100 * max(rates):.2f}%" if rates and r["reader"] == "gated" else "-"
+        fires = f"{100 * max(rates):.2f}%" if rates and r["reader"] != "linear" else "-"
         lines.append(f"| {r['size']} | {r['reader']} | {r['eval_cases']} | {cells} | {general or '-'} | {fires} |")
     lines += ["", "![scaling](study.png)", ""]
     return "\n".join(lines)
