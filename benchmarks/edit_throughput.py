@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/edit_throughput.py --n 32 [--model smollm2-135m] [--device cuda]
+    python benchmarks/edit_throughput.py --n 128 [--model smollm2-135m] [--device cuda]
 
 The naive loop is ROME's ``compute_z`` as written: one fact at a time, the whole model
 forward and backward (weights' gradients included) on every step, 25 Adam steps with
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default: --n)")
     ap.add_argument("--layer", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=128, help="facts optimised together (default 128, EditConfig's)")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     from evals.datasets import load_counterfact

@@ -41,7 +41,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the family's)")
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the store's / 0.65)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
-    p.add_argument("--edit-batch-size", type=int, default=64, help="facts optimised together when editing (default 64)")
+    p.add_argument("--edit-batch-size", type=int, default=128, help="facts optimised together when editing (default 128)")
     p.add_argument("--metrics", nargs="+", default=None,
                    help="metric names, space or comma separated (default: all of the dataset's)")
     p.add_argument("--general-tasks", default=None, help="'all' or a comma list: mmlu,sciq,commonsense_qa,...")

@@ -138,7 +138,7 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--checkpoint", default=None)
     ed.add_argument("--n", type=int, default=None)
     ed.add_argument("--layer", type=int, default=None)
-    ed.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 64)")
+    ed.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
     ed.set_defaults(func=_cmd_edit)
 
 

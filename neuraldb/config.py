@@ -49,7 +49,7 @@ class EditConfig:
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 5e-2
-    batch_size: int = 64
+    batch_size: int = 128
     context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10
     context_seed: int = 0
