@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--data-dir", default=os.environ.get("NEURALDB_DATA_DIR"))
+    ap.add_argument("--screen-ranks", default=None,
+                    help="comma list of screen ranks to time (default: the store's default, d_key // 2)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -110,10 +112,11 @@ def main() -> None:
             s, i = top1(queries, unit_rows(db.keys).to(queries.device))
             want = (s > db.gamma).cpu() & valid.reshape(-1).cpu()
         results["sizes"][n] = {"file_bytes": size, "bytes_per_fact": per_fact}
-        for mode, rank in (("screened", None), ("naive", 0)):
-            if mode == "screened" and not (n and n >= db.screen_min_keys):
+        ranks = [int(r) for r in args.screen_ranks.split(",")] if args.screen_ranks else [db.d_key // 2]
+        for mode, rank in [(f"r={r}" if args.screen_ranks else "screened", r) for r in ranks] + [("naive", 0)]:
+            if mode != "naive" and not (n and n >= db.screen_min_keys):
                 continue  # small stores always scan
-            db.screen_rank = db.d_key // 4 if rank is None else rank
+            db.screen_rank = rank
             db._changed()
             with db.attached(model):
                 ms = timed()

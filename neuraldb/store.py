@@ -75,7 +75,7 @@ class NeuralDB:
     ``positions x chunk_size`` scores, so 100K keys fit.
 
     With ``screen_min_keys`` keys or more, the hook proves most positions cannot
-    fire with a rank-``screen_rank`` bound (default ``d_key // 4``; 0 turns it off)
+    fire with a rank-``screen_rank`` bound (default ``d_key // 2``; 0 turns it off)
     and computes the exact top-1 only for the rest (:class:`~neuraldb.retrieval.LowRankScreen`):
     the same fires, non-fires and fired indices as brute force, at a fraction of
     its cost. :meth:`gate` and :meth:`retrieve` are always brute force.
@@ -112,7 +112,7 @@ class NeuralDB:
         self.config = dict(config or {})
         self.chunk_size = int(chunk_size)
         # the hook's exact screened gate (retrieval.LowRankScreen) for stores of >= screen_min_keys
-        self.screen_rank = self.d_key // 4 if screen_rank is None else int(screen_rank)
+        self.screen_rank = self.d_key // 2 if screen_rank is None else int(screen_rank)
         self.screen_min_keys = int(screen_min_keys)
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
