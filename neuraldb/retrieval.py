@@ -173,21 +173,28 @@ class LowRankScreen:
         touched = torch.zeros(m, dtype=torch.bool, device=q.device)
         for c0 in range(0, keys.shape[0], self.chunk_size):
             chunk = keys[c0 : c0 + self.chunk_size]  # (C, d)
-            maybe = (q_low @ self.keys_low[c0 : c0 + self.chunk_size].T) >= floor  # (M, C) bound reaches the floor
-            count = maybe.sum(dim=1)  # (M,)
-            touched |= count > 0
-            dense = (count > dense_after).nonzero().squeeze(1)  # queries near many keys: one product
+            bound = q_low @ self.keys_low[c0 : c0 + self.chunk_size].T  # (M, C)
+            hot = (bound.amax(dim=1).float() >= floor).nonzero().squeeze(1)  # (h,) queries with a candidate here
+            if hot.numel() == 0:
+                continue
+            touched[hot] = True
+            maybe = bound[hot] >= floor  # (h, C) the bound reaches the floor
+            many = torch.count_nonzero(maybe, dim=1) > dense_after  # (h,)
+            dense = hot[many]  # queries near many keys: one product
             if dense.numel():
                 s, a = (q[dense] @ chunk.T).max(dim=1)
                 better = s > best[dense]
                 best[dense] = torch.where(better, s, best[dense])
                 arg[dense] = torch.where(better, a + c0, arg[dense])
-            qi, kj = (maybe & (count <= dense_after).unsqueeze(1)).nonzero(as_tuple=True)  # (p,) pairs
-            if qi.numel():
+            few = (~many).nonzero().squeeze(1)  # (f,) rows of `hot` with a few candidates
+            if few.numel():
+                qi, kj = maybe[few].nonzero(as_tuple=True)  # (p,) pairs
+                qi = hot[few[qi]]
                 s = (q[qi] * chunk[kj]).sum(dim=1)  # (p,) exact cosines of the pairs
                 top = torch.full((m,), float("-inf"), device=q.device).scatter_reduce(0, qi, s, "amax")
+                tie = s == top[qi]
                 first = torch.full((m,), keys.shape[0], dtype=torch.long, device=q.device).scatter_reduce(
-                    0, qi[s == top[qi]], kj[s == top[qi]] + c0, "amin")  # lowest index among ties, as argmax
+                    0, qi[tie], kj[tie] + c0, "amin")  # lowest index among ties, as argmax
                 better = top > best
                 best = torch.where(better, top, best)
                 arg = torch.where(better, first, arg)
