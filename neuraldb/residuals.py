@@ -164,8 +164,9 @@ def compute_residuals(
     # columns: no compute is spent on right padding (the KL prompt is much shorter than
     # the rest, and prompts differ in how many tokens follow the subject).
     widths = [len(s.ids) - s.subject_pos for s in seqs]
-    group_of = torch.tensor([sorted(set(widths)).index(w) for w in widths], device=device)  # (n_seq,)
-    group_end = [s0 + w for w in sorted(set(widths))]  # last column (exclusive) of each group
+    distinct = sorted(set(widths))
+    group_of = torch.tensor([distinct.index(w) for w in widths], device=device)  # (n_seq,)
+    group_end = [s0 + w for w in distinct]  # last column (exclusive) of each group
 
     def col(s: _Seq, p: int) -> int:  # a sequence position -> its column in the aligned layout
         return p + s0 - s.subject_pos
@@ -309,8 +310,7 @@ def compute_residuals(
                     if g not in cuts or cuts[g][0] != key:  # the active set changed: cut the cache again
                         cuts[g] = (key, _copy_cache(cache, sel))
                     step_cache = copy.deepcopy(cuts[g][1])  # a forward appends to the cache
-                remap = torch.full((len(seqs),), -1, dtype=torch.long, device=device)
-                remap[sel] = torch.arange(len(sel), device=device)
+                remap = remap_of(sel)
                 h_edit = h[sel, start:end].clone()  # (n_sel, end - start, d_model)
                 h_edit[:, s0 - start] += delta[owner[sel]]
                 out = run(sel, end, step_cache, h_edit)  # (n_sel, end - start, d_model)
