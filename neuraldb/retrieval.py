@@ -2,29 +2,29 @@
 
 Example::
 
-    keys = unit_rows(raw_keys)                          # (N, d) float32
-    low = keys.to(torch.bfloat16)                       # screening copy
-    fire, index = gate_decision(unit_rows(q), keys, low, gamma=0.65)
+    keys = unit_rows(raw_keys)                                    # (N, d) float32
+    best, index = top1(unit_rows(q), keys)                        # brute force
+    screen = LowRankScreen.build(keys, sample=unit_rows(q), rank=768)
+    fire, index = screen.gate(unit_rows(q), keys, thresholds)     # the same fires
 
 ``top1`` is the brute-force reference: every score in float32, chunked over the
-keys. :class:`LowRankScreen` is what the store's hook uses for large stores (see
-its docstring): a cheap upper bound on every cosine that proves most queries
-cannot fire, followed by the exact top-1 of the rest. ``gate_decision`` first scores every (query, key) pair in bfloat16 (about
-2-3x faster on CPUs with AVX512-BF16, far faster on tensor cores), whose error on
-a cosine of unit vectors is bounded: rounding each operand to bfloat16 changes
-it by at most 2^-8 relatively, so ``|s_bf16 - s| <= sum_i |q_i k_i| (2^-7 + 2^-16)
-+ accumulation <= 0.008`` for unit vectors (float32 accumulation). A query whose
-best screened score is below ``gamma - margin`` (default margin 0.02, above the
-bound, also covering reduced-precision reductions on GPUs) cannot fire; every
-other query is recomputed with :func:`top1`. So every fire and non-fire, and the
-index of every fire, is identical to the brute-force top-1 cosine.
+keys. :class:`LowRankScreen` is what the store's hook uses for large stores: a
+cheap upper bound on every cosine that proves most (query, key) pairs cannot
+reach the gate, then exact float32 cosines for the rest.
+
+The bound is one bfloat16 product of unit vectors, whose error is bounded:
+rounding each operand to bfloat16 changes it by at most 2^-8 relatively, so
+``|s_bf16 - s| <= sum_i |q_i k_i| (2^-7 + 2^-16) + accumulation <= 0.008`` for
+unit vectors (float32 accumulation), plus at most 0.004 for rounding the result.
+``SCREEN_MARGIN`` (0.02) is above that, so every fire and non-fire, and the index
+of every fire, is identical to the brute-force top-1 cosine.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_rows", "top1", "gate_decision", "LowRankScreen", "SCREEN_MARGIN"]
+__all__ = ["unit_rows", "top1", "LowRankScreen", "SCREEN_MARGIN"]
 
 SCREEN_MARGIN = 0.02
 
@@ -48,49 +48,12 @@ def top1(q: torch.Tensor, keys: torch.Tensor, *, chunk_size: int = 16384) -> tup
     return best, arg
 
 
-def screen_max(q_low: torch.Tensor, keys_low: torch.Tensor, *, chunk_size: int = 16384) -> torch.Tensor:
-    """Best low-precision score per query (M,), float32."""
-    best = torch.full((q_low.shape[0],), float("-inf"), device=q_low.device)
-    for start in range(0, keys_low.shape[0], chunk_size):
-        best = torch.maximum(best, (q_low @ keys_low[start : start + chunk_size].T).amax(dim=1).float())
-    return best
-
-
-def gate_decision(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    keys_low: torch.Tensor | None,
-    *,
-    gamma: float,
-    margin: float = SCREEN_MARGIN,
-    chunk_size: int = 16384,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fire (M,) bool, index (M,) long, score (M,) float32) for unit queries ``q`` (M, d).
-
-    ``fire``, and ``index`` where it fires, equal the brute-force decision
-    ``top1(q, keys)[0] > gamma``; ``score`` is exact for every query that was
-    re-checked and a screened (low-precision) value elsewhere.
-    """
-    if keys_low is None:
-        score, index = top1(q, keys, chunk_size=chunk_size)
-        return score > gamma, index, score
-    score = screen_max(q.to(keys_low.dtype), keys_low, chunk_size=chunk_size)  # (M,)
-    index = torch.full_like(score, -1, dtype=torch.long)
-    maybe = (score > gamma - margin).nonzero().squeeze(1)  # (m,) queries that may fire
-    if maybe.numel():
-        exact, idx = top1(q[maybe], keys, chunk_size=chunk_size)
-        score = score.index_put((maybe,), exact)
-        index = index.index_put((maybe,), idx)
-    fire = (score > gamma) & (index >= 0)
-    return fire, index, score
-
-
 class LowRankScreen:
     """An exact gate for large stores: a rank-``r`` upper bound on every cosine, then exact top-1.
 
     Example::
 
-        screen = LowRankScreen.build(keys, sample=queries, rank=384)   # unit rows
+        screen = LowRankScreen.build(keys, sample=queries, rank=768)   # unit rows
         fire, index = screen.gate(q, keys, thresholds)                 # == brute force
 
     For an orthonormal basis ``P`` (d, r) and unit vectors, ``q . k = (P^T q).(P^T k)
@@ -99,11 +62,11 @@ class LowRankScreen:
     ``P^T k`` turns the bound into one (M, r+1) x (r+1, N) product of unit vectors,
     done in bfloat16 on CPUs (error <= 0.012, see the module docstring; float32
     elsewhere). A query whose bound stays below ``min(thresholds) - margin`` for
-    every key cannot fire; every other query gets the brute-force :func:`top1`. So
-    every fire, every non-fire and the index of every fire equal the brute-force
-    decision whatever the basis; the basis only decides how many queries are
-    re-checked. It is the top eigenvectors of ``K^T K + Q^T Q`` for a sample of keys
-    and of queries (activations of real text fall largely outside the keys' own
+    every key cannot fire; for every other query the exact cosines of the pairs
+    whose bound reaches that floor give its top-1. So every fire, every non-fire
+    and the index of every fire equal the brute-force decision whatever the basis;
+    the basis only decides how many pairs are re-checked. It is the top
+    eigenvectors of ``K^T K + Q^T Q`` for a sample of keys and of queries (activations of real text fall largely outside the keys' own
     principal subspace, so the queries matter). Built once per store change.
     """
 
@@ -113,7 +76,7 @@ class LowRankScreen:
         self.keys_low = keys_low  # (N, r + 1) [P^T k, |k_perp|], bfloat16 on CPU
         self.margin = float(margin)
         self.chunk_size = int(chunk_size)
-        self.rechecked = 0  # queries that needed the exact top-1 (for benchmarks)
+        self.rechecked = 0  # queries with at least one pair re-checked exactly (for benchmarks)
         self.screened = 0
 
     @staticmethod
@@ -138,16 +101,6 @@ class LowRankScreen:
         low_dtype = torch.bfloat16 if keys.device.type == "cpu" else torch.float32
         keys_low = torch.cat([cls._lift(keys[i : i + chunk_size], basis) for i in range(0, keys.shape[0], chunk_size)])
         return cls(basis, keys_low.to(low_dtype), margin=margin, chunk_size=chunk_size)
-
-    @torch.no_grad()
-    def bound(self, q: torch.Tensor) -> torch.Tensor:
-        """(M,) an upper bound (up to the margin) on each unit query's best cosine."""
-        q_low = self._lift(q.float(), self.basis).to(self.keys_low.dtype)  # (M, r + 1)
-        best = torch.full((q.shape[0],), float("-inf"), device=q.device)
-        for start in range(0, self.keys_low.shape[0], self.chunk_size):
-            s = q_low @ self.keys_low[start : start + self.chunk_size].T  # (M, chunk)
-            best = torch.maximum(best, s.amax(dim=1).float())
-        return best
 
     @torch.no_grad()
     def gate(self, q: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor,

@@ -42,6 +42,7 @@ from torch import nn
 
 from .arch import ModelArch, resolve_arch
 from .nethook import Trace, get_module
+from .retrieval import LowRankScreen, top1, unit_rows
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "FORMAT_VERSION"]
 
@@ -309,10 +310,9 @@ class NeuralDB:
     # ---------------------------------------------------------------- retrieval
     def _device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._dev.get("device") is None or self._dev["device"].device != device:  # type: ignore[union-attr]
-            keys = self.keys.to(device)
             self._dev = {
                 "device": torch.empty(0, device=device),
-                "keys": keys / keys.norm(dim=1, keepdim=True),  # (N, d_key) unit rows
+                "keys": unit_rows(self.keys.to(device)),  # (N, d_key)
                 "residuals": self.residuals.to(device),
                 "gate": self.gate_thresholds().to(device),  # (N,) max(gamma, thresholds)
             }
@@ -339,32 +339,20 @@ class NeuralDB:
         ``queries`` is (M, d_key); scores is (M,) float32 (-inf for an empty store),
         index (M,) long (-1 for an empty store).
         """
-        q = queries.reshape(-1, self.d_key).float()
-        device = q.device
-        best = torch.full((q.shape[0],), float("-inf"), device=device)
-        arg = torch.full((q.shape[0],), -1, dtype=torch.long, device=device)
+        q = unit_rows(queries.reshape(-1, self.d_key))  # (M, d_key)
         if len(self) == 0:
-            return best, arg
-        keys, _ = self._device_tensors(device)
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (M, d_key)
-        for start in range(0, keys.shape[0], self.chunk_size):
-            s = q @ keys[start : start + self.chunk_size].T  # (M, chunk)
-            m, a = s.max(dim=1)
-            better = m > best
-            best = torch.where(better, m, best)
-            arg = torch.where(better, a + start, arg)
-        return best, arg
+            return (torch.full((q.shape[0],), float("-inf"), device=q.device),
+                    torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device))
+        keys, _ = self._device_tensors(q.device)
+        return top1(q, keys, chunk_size=self.chunk_size)
 
     @torch.no_grad()
     def _screened_gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The hook's gate for large stores: :meth:`gate`'s fire and fired index, screened."""
-        q = queries.float()
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (M, d_key)
+        q = unit_rows(queries)  # (M, d_key)
         keys, _ = self._device_tensors(q.device)
         screen = self._dev.get("screen")
         if screen is None:  # built once per change of the store, from its keys and this first batch
-            from .retrieval import LowRankScreen
-
             sample = q[:: max(1, q.shape[0] // 4096)]
             screen = self._dev["screen"] = LowRankScreen.build(  # type: ignore[assignment]
                 keys, sample=sample, rank=self.screen_rank, chunk_size=self.chunk_size
