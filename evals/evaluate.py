@@ -347,8 +347,8 @@ class RunFolder:
         if run.exists():
             saved = json.loads(run.read_text(encoding="utf-8")).get("identity")
             if saved != self.identity:
-                diff = sorted(k for k in set(_flat(saved)) | set(_flat(self.identity))
-                              if _flat(saved).get(k) != _flat(self.identity).get(k))
+                was, now = rep.flatten(saved), rep.flatten(self.identity)
+                diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
                 raise ValueError(
                     f"{self.dir} holds a run with a different configuration (differs in: {', '.join(diff[:8])}"
                     f"{'...' if len(diff) > 8 else ''}); use another output_dir, or delete {run} and "
@@ -395,15 +395,6 @@ class RunFolder:
             fh.write("\n".join(lines) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-
-
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
 
 
 # ----------------------------------------------------------------------------- per chunk

@@ -439,11 +439,12 @@ def render_text(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- comparison
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one dict with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
     if isinstance(obj, Mapping):
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
 
@@ -479,12 +480,12 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         x, y = ta.get(task) or {}, tb.get(task) or {}
         general[task] = {"metric": x.get("metric") or y.get("metric"),
                          **{k: {"a": x.get(k), "b": y.get(k)} for k in ("before", "after", "identical_fraction")}}
-    fa = _flatten({"config": a.get("config"), "store": {k: v for k, v in (a.get("store") or {}).items()},
-                   "dataset": {k: v for k, v in (a.get("dataset") or {}).items() if k != "case_ids"},
-                   "model": a.get("model"), "versions": a.get("versions")})
-    fb = _flatten({"config": b.get("config"), "store": {k: v for k, v in (b.get("store") or {}).items()},
-                   "dataset": {k: v for k, v in (b.get("dataset") or {}).items() if k != "case_ids"},
-                   "model": b.get("model"), "versions": b.get("versions")})
+    def setup(r: Mapping[str, Any]) -> dict[str, Any]:  # what was run, flattened (case ids compared below)
+        return flatten({"config": r.get("config"), "store": dict(r.get("store") or {}),
+                        "dataset": {k: v for k, v in (r.get("dataset") or {}).items() if k != "case_ids"},
+                        "model": r.get("model"), "versions": r.get("versions")})
+
+    fa, fb = setup(a), setup(b)
     config = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
     ids_a = {c.get("fact_id") for c in a.get("cases", [])}
     ids_b = {c.get("fact_id") for c in b.get("cases", [])}
