@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import neuraldb
 from _common import add_model_arguments, device_name, load, synchronizer
-from neuraldb import EditConfig, NeuralDB, TraceDict
+from neuraldb import EditConfig, TraceDict
 from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
 from neuraldb.residuals import _build
 
@@ -114,15 +114,13 @@ def main() -> None:
         residuals.append(naive_residual(model, tok, f, layer=layer, templates=templates, cfg=cfg, arch=arch))
         sync()
         per_fact.append(time.perf_counter() - t0)
-    naive = NeuralDB(layer=fast.layer, d_key=fast.d_key, d_model=fast.d_model, gamma=fast.gamma,
-                     module_template=fast.module_template, residual_template=fast.residual_template,
-                     fingerprint=fast.fingerprint)
+    naive = fast.head(0)  # same layer, gamma and templates; the naive residuals on the same keys
     naive.add(fast.ids[:naive_n], fast.keys[:naive_n], torch.stack(residuals))
 
     fast_rate = len(facts) / fast_s
     naive_rate = 1.0 / statistics.median(per_fact)
     s_fast = scores(model, tok, fast, cases)
-    s_fast_sub = scores(model, tok, _subset(fast, naive_n), cases[:naive_n])
+    s_fast_sub = scores(model, tok, fast.head(naive_n), cases[:naive_n])
     s_naive = scores(model, tok, naive, cases[:naive_n])
     dev = device_name(args.device)
     print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}")
@@ -131,14 +129,6 @@ def main() -> None:
     print(f"speed-up      : {fast_rate / naive_rate:.1f}x")
     print(f"efficacy ES   : edit {100 * s_fast_sub['efficacy']:.1f} vs naive {100 * s_naive['efficacy']:.1f} (same {naive_n} facts; edit on all {len(facts)}: {100 * s_fast['efficacy']:.1f})")
     print(f"general. PS   : edit {100 * s_fast_sub['generalization']:.1f} vs naive {100 * s_naive['generalization']:.1f}")
-
-
-def _subset(db: NeuralDB, n: int) -> NeuralDB:
-    sub = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=db.d_model, gamma=db.gamma,
-                   module_template=db.module_template, residual_template=db.residual_template,
-                   fingerprint=db.fingerprint)
-    sub.add(db.ids[:n], db.keys[:n], db.residuals[:n])
-    return sub
 
 
 if __name__ == "__main__":

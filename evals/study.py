@@ -39,16 +39,6 @@ _KEYS = ("efficacy", "generalization", "specificity")
 READERS = ("gated", "calibrated", "linear")
 
 
-def _prefix(db: Any, n: int) -> Any:
-    from neuraldb import NeuralDB
-
-    sub = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=db.d_model, gamma=db.gamma,
-                   module_template=db.module_template, residual_template=db.residual_template,
-                   model_name=db.model_name, model_type=db.model_type, fingerprint=db.fingerprint, config=db.config)
-    sub.add(db.ids[:n], db.keys[:n], db.residuals[:n], facts=[db.facts.get(i, {}) for i in db.ids[:n]])
-    return sub
-
-
 def _generic_texts(data_dir: str | os.PathLike | None, n: int) -> list[str]:
     root = Path(data_dir or os.environ.get("NEURALDB_DATA_DIR", ""))
     path = root / "lambada_openai" / "lambada_test.jsonl"
@@ -110,7 +100,7 @@ def run_study(
     rows = []
     for n in sizes:
         for reader_name in readers:
-            sub = _prefix(db, n)
+            sub = db.head(n)
             if reader_name == "linear":
                 reader = LinearReader(sub, c0=c0, lam=lam)
             else:

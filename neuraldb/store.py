@@ -196,6 +196,25 @@ class NeuralDB:
                 self.facts[fid] = dict(facts[j])
         self._changed()
 
+    def head(self, n: int) -> "NeuralDB":
+        """A new, detached store with the first ``n`` facts (keys, residuals, thresholds,
+        fact records) and this store's settings; ``head(0)`` is an empty store like this one.
+
+        Example::
+
+            small = db.head(100)      # the first 100 facts, e.g. one size of a scaling study
+        """
+        if not 0 <= n <= len(self):
+            raise StoreError(f"head({n}): use 0 <= n <= {len(self)} (the store's size)")
+        sub = NeuralDB(layer=self.layer, d_key=self.d_key, d_model=self.d_model, gamma=self.gamma,
+                       module_template=self.module_template, residual_template=self.residual_template,
+                       model_name=self.model_name, model_type=self.model_type, fingerprint=self.fingerprint,
+                       config=self.config, chunk_size=self.chunk_size, screen_rank=self.screen_rank,
+                       screen_min_keys=self.screen_min_keys)
+        sub.add(self.ids[:n], self.keys[:n], self.residuals[:n], thresholds=self.thresholds[:n])
+        sub.facts = {i: dict(self.facts[i]) for i in sub.ids if i in self.facts}
+        return sub
+
     def remove(self, ids: str | Sequence[str]) -> None:
         """Delete facts by id; an unknown id is an error and nothing is removed."""
         ids = [ids] if isinstance(ids, str) else list(ids)

@@ -192,3 +192,17 @@ def test_screened_hook_gate_gives_the_brute_force_model_output(tiny_llama):
     assert screens[1].rechecked < screens[1].screened  # the bound ruled some positions out
     assert masks[0][0, 2:5].all() and torch.equal(masks[0], masks[1])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_head_keeps_the_first_facts_and_the_settings(tiny_llama):
+    model, _ = tiny_llama
+    db = store_for(model, n=5, gamma=0.7)
+    db.thresholds[1] = 0.9
+    db.facts["f2"] = {"subject": "x"}
+    small = db.head(3)
+    assert small.ids == ["f0", "f1", "f2"] and small.gamma == 0.7 and small.fingerprint == db.fingerprint
+    assert torch.equal(small.keys, db.keys[:3]) and torch.equal(small.residuals, db.residuals[:3])
+    assert torch.equal(small.thresholds, db.thresholds[:3]) and small.facts == {"f2": {"subject": "x"}}
+    assert len(db.head(0)) == 0 and db.head(0).d_key == db.d_key
+    with pytest.raises(StoreError, match="head"):
+        db.head(6)
