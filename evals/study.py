@@ -85,9 +85,10 @@ def run_study(
         raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {sizes[-1]}")
     cases = cases[: sizes[-1]]
     ckpt = out / "store.safetensors"
-    resumed = len(neuraldb.NeuralDB.load(ckpt, model=model)) if ckpt.is_file() else 0
+    done = neuraldb.NeuralDB.load(ckpt, model=model) if ckpt.is_file() else None  # loaded once, resumed by edit
+    resumed = len(done) if done is not None else 0
     t0 = time.perf_counter()
-    db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config,
+    db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config, db=done,
                        checkpoint=ckpt, checkpoint_every=4, progress=progress)
     edit_s = time.perf_counter() - t0
     unknown = sorted(set(readers) - set(READERS))
