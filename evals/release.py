@@ -97,6 +97,17 @@ def _file_entry(folder: Path, name: str, **extra: Any) -> dict[str, Any]:
     return {"path": name, "sha256": sha256_file(path), "size": path.stat().st_size, **extra}
 
 
+def _json_object(path: Path, *, what: str, fix: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``; a ReleaseError naming ``what`` (and ``fix``) otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReleaseError(f"{what} is not valid JSON ({exc}){fix}") from None
+    if not isinstance(data, dict):
+        raise ReleaseError(f"{what} is not a JSON object{fix}")
+    return data
+
+
 def _report_payload(report: Mapping[str, Any] | str | os.PathLike, *,
                     prefer: str = "gate.json") -> tuple[dict[str, Any], str]:
     """The report as a dict and its file name in the release (gate.json or report.json)."""
@@ -109,12 +120,7 @@ def _report_payload(report: Mapping[str, Any] | str | os.PathLike, *,
             path = next((path / n for n in names if (path / n).is_file()), path / prefer)
         if not path.is_file():
             raise ReleaseError(f"no report at {str(path)!r}; pass a gate.json / report.json file, a dict or None")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ReleaseError(f"the report {path} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ReleaseError(f"the report {path} is not a JSON object")
+        data = _json_object(path, what=f"the report {path}")
     kind = "gate" if str(data.get("schema", "")).startswith("neuraldb.gate") else "evaluation"
     return data, ("gate.json" if kind == "gate" else "report.json")
 
@@ -264,12 +270,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise ReleaseError(f"{folder} has no {MANIFEST}: it is not a release (write one with neuraldb.save_release)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReleaseError(f"{path} is not valid JSON ({exc}); the release is corrupt: write it again") from None
-    if not isinstance(manifest, dict):
-        raise ReleaseError(f"{path} is not a JSON object; the release is corrupt: write it again")
+    manifest = _json_object(path, what=str(path), fix="; the release is corrupt: write it again")
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise ReleaseError(f"{path} lacks the field(s) {', '.join(missing)}; the release is incomplete or was "
