@@ -43,7 +43,8 @@ def _generic_texts(data_dir: str | os.PathLike | None, n: int) -> list[str]:
     root = Path(data_dir or os.environ.get("NEURALDB_DATA_DIR", ""))
     path = root / "lambada_openai" / "lambada_test.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"C0 needs generic text: {path} not found; set NEURALDB_DATA_DIR or --data-dir")
+        raise FileNotFoundError(f"the linear and calibrated readers need generic text: {path} not found; "
+                                "set NEURALDB_DATA_DIR or --data-dir")
     lines = path.read_text(encoding="utf-8").splitlines()
     return [json.loads(x)["text"] for x in lines[-n:]]  # the last passages: disjoint from the general-task sample
 
@@ -74,6 +75,9 @@ def run_study(
 
     from .datasets import editable_cases, load_counterfact
 
+    unknown = sorted(set(readers) - set(READERS))
+    if unknown:  # before any work: the edit can take an hour
+        raise ValueError(f"readers {unknown} unknown: use some of {list(READERS)}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in sizes)
@@ -91,12 +95,10 @@ def run_study(
     db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config, db=done,
                        checkpoint=ckpt, checkpoint_every=4, progress=progress)
     edit_s = time.perf_counter() - t0
-    unknown = sorted(set(readers) - set(READERS))
-    if unknown:
-        raise ValueError(f"readers {unknown} unknown: use some of {list(READERS)}")
-    c0 = estimate_c0(model, tokenizer, _generic_texts(data_dir, c0_texts), layer=db.layer,
+    generic = _generic_texts(data_dir, max(c0_texts, calib_texts)) if {"linear", "calibrated"} & set(readers) else []
+    c0 = estimate_c0(model, tokenizer, generic[-c0_texts:], layer=db.layer,
                      module_template=db.module_template) if "linear" in readers else None
-    calib = calibration_queries(model, tokenizer, _generic_texts(data_dir, calib_texts), layer=db.layer) \
+    calib = calibration_queries(model, tokenizer, generic[-calib_texts:], layer=db.layer) \
         if "calibrated" in readers else None
     rows = []
     for n in sizes:
@@ -120,7 +122,7 @@ def run_study(
             if report.get("general"):
                 row["general"] = {
                     t: {"before": v.get("before"), "after": v.get("after"), "identical": v.get("identical_fraction"),
-                        "fire_rate": (v.get("firing") or v.get("gate") or {}).get("rate")}
+                        "fire_rate": (v.get("firing") or {}).get("rate")}
                     for t, v in (report["general"].get("tasks") or {}).items()
                 }
             rows.append(row)

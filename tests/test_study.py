@@ -54,3 +54,12 @@ def test_study_runs_both_readers_on_prefixes_and_resumes(tiny_llama, data_dir, t
     assert again["rows"] == result["rows"]
     assert result["edited_this_call"] == 3 and again["edited_this_call"] == 0
     assert "0 in this call" in render_markdown(again) and "3 resumed from the checkpoint" in render_markdown(again)
+
+
+def test_unknown_reader_is_refused_before_any_edit(tiny_llama, data_dir, tmp_path, monkeypatch):
+    import neuraldb
+
+    model, tok = tiny_llama
+    monkeypatch.setattr(neuraldb, "edit", lambda *a, **k: pytest.fail("edited before checking the readers"))
+    with pytest.raises(ValueError, match="readers \\['gatd'\\] unknown"):
+        run_study(model, tok, sizes=[2], readers=["gatd"], output_dir=tmp_path, data_dir=data_dir, config=CFG)
