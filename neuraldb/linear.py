@@ -78,7 +78,7 @@ class LinearReader:
         self.c0 = c0
         self.lam = float(lam if lam is not None else (15000.0 if c0 is not None else 1.0))
         self._saved: tuple[nn.Module, torch.Tensor] | None = None
-        self._delta: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._delta: tuple[int, torch.Tensor] | None = None
 
     def __getattr__(self, name: str) -> Any:  # ids, facts, layer, gamma, config ... from the store
         return getattr(self.db, name)
@@ -99,7 +99,7 @@ class LinearReader:
         if check:
             self.db.check_compatible(model, layer=layer)
         module = get_module(model, self.db.module_name(model))
-        version = (id(self.db.keys), id(self.db.residuals))  # add/remove/update replace these tensors
+        version = self.db._version  # the store's change counter
         if self._delta is None or self._delta[0] != version:  # the harness attaches around every model call
             self._delta = (version, linear_delta(self.db.keys, self.db.residuals, c0=self.c0, lam=self.lam))
         delta = self._delta[1]  # (d_model, d_key)

@@ -122,6 +122,7 @@ class NeuralDB:
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
         self._dev: dict[str, torch.Tensor] = {}
+        self._version = 0  # bumped by every change of keys, residuals or thresholds (readers cache on it)
         self._traces: list[Trace] = []
         self._model: nn.Module | None = None
         self.reset_stats()
@@ -322,6 +323,7 @@ class NeuralDB:
         return self.thresholds.clamp_min(self.gamma)
 
     def _changed(self, keep_stats: bool = False) -> None:
+        self._version += 1
         self._dev.clear()
         if not keep_stats:
             self.fires_per_fact = torch.zeros(len(self.ids), dtype=torch.long)

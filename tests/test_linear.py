@@ -43,3 +43,19 @@ def test_c0_and_gemma_refusal(tiny_llama):
     db = neuraldb.NeuralDB(layer=1, d_key=64, d_model=32, module_template="m.{}.down", residual_template="m.{}.post_norm")
     with pytest.raises(StoreError, match="not equivalent"):
         LinearReader(db)
+
+
+def test_linear_reader_follows_changes_of_its_store(tiny_llama):
+    """The closed-form delta is cached between attaches but recomputed after the store changes."""
+    from neuraldb.linear import LinearReader
+
+    model, tok = tiny_llama
+    db = neuraldb.edit(model, tok, FACTS[:1], config=CFG, progress=False)
+    reader = LinearReader(db, lam=1e-3)
+    with reader.attached(model):
+        first = reader._delta[1]
+    with reader.attached(model):
+        assert reader._delta[1] is first  # same store: not recomputed
+    db.update(db.ids[0], residual=db.residuals[0] * 2)  # in place: the residuals tensor stays the same object
+    with reader.attached(model):
+        assert torch.allclose(reader._delta[1], 2 * first, atol=1e-5)
