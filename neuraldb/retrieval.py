@@ -27,6 +27,7 @@ import torch
 __all__ = ["unit_rows", "top1", "LowRankScreen", "SCREEN_MARGIN"]
 
 SCREEN_MARGIN = 0.02
+_LOWER = 2.0**-8  # > half a bfloat16 ulp on [-1, 1]: rounding level - _LOWER stays below level
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +89,17 @@ class LowRankScreen:
     @classmethod
     @torch.no_grad()
     def build(cls, keys: torch.Tensor, *, sample: torch.Tensor | None = None, rank: int,
-              max_keys: int = 16384, margin: float = SCREEN_MARGIN, chunk_size: int = 16384) -> "LowRankScreen":
+              max_keys: int = 16384, query_share: float = 0.3, margin: float = SCREEN_MARGIN,
+              chunk_size: int = 16384) -> "LowRankScreen":
         """``keys`` (N, d) unit rows; ``sample`` (M, d) unit query rows (e.g. the first batch seen)."""
         step = max(1, keys.shape[0] // max_keys)
-        rows = [keys[::step]]
+        k = keys[::step].float()  # (n, d)
+        gram = k.T @ k  # (d, d)
         if sample is not None and sample.numel():
-            rows.append(sample.to(keys.device, keys.dtype))
-        m = torch.cat(rows).float()  # (n, d)
-        gram = m.T @ m  # (d, d)
+            s = sample.to(keys.device, torch.float32)  # (m, d)
+            # the queries get a fixed share of the weight however few they are: the
+            # bound's slack |q_perp| |k_perp| has a query factor too
+            gram = gram + (query_share * k.shape[0] / s.shape[0]) * (s.T @ s)
         _, vecs = torch.linalg.eigh(gram)  # ascending
         basis = vecs[:, -rank:].contiguous()  # (d, r)
         low_dtype = torch.bfloat16 if keys.device.type == "cpu" else torch.float32
@@ -104,22 +108,27 @@ class LowRankScreen:
 
     @torch.no_grad()
     def gate(self, q: torch.Tensor, keys: torch.Tensor, thresholds: torch.Tensor,
-             dense_after: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+             dense_after: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(fire (M,) bool, index (M,) long; -1 where it does not fire) for unit queries ``q``.
 
         ``thresholds`` (N,) are the per-key gates (``max(gamma, thresholds)``); a query
-        fires when its exact top-1 cosine exceeds its top-1 key's threshold. Exact
-        cosines are computed only for the (query, key) pairs whose bound reaches
-        ``min(thresholds) - margin`` (a dense product for a query with more than
-        ``dense_after`` such keys in a chunk): the best of them is the brute-force top-1
-        whenever that top-1 could pass any threshold.
+        fires when its exact top-1 cosine exceeds its top-1 key's threshold. Per chunk of
+        keys, a query is re-checked only if some bound reaches ``max(floor, best - margin)``
+        (``floor = min(thresholds) - margin``, ``best`` its best exact cosine so far):
+        first the key with the highest bound, then every other key whose bound still
+        reaches that level once ``best`` is updated (a dense product for a query with
+        more than ``dense_after`` such keys, default ``chunk_size // 16``). A key left out
+        has a bound, hence a cosine, below the floor or below a cosine already found, so
+        the best found is the brute-force top-1 whenever that top-1 could pass any
+        threshold (ties go to the lowest index, as in :func:`top1`).
         """
         m = q.shape[0]
         fire = torch.zeros(m, dtype=torch.bool, device=q.device)
         index = torch.full((m,), -1, dtype=torch.long, device=q.device)
         if keys.shape[0] == 0 or m == 0:
             return fire, index
-        floor = thresholds.min() - self.margin
+        dense_after = max(1, self.chunk_size // 16) if dense_after is None else dense_after
+        floor = thresholds.min().float() - self.margin
         q_low = self._lift(q.float(), self.basis).to(self.keys_low.dtype)  # (M, r + 1)
         best = torch.full((m,), float("-inf"), device=q.device)
         arg = torch.full((m,), -1, dtype=torch.long, device=q.device)
@@ -127,31 +136,44 @@ class LowRankScreen:
         for c0 in range(0, keys.shape[0], self.chunk_size):
             chunk = keys[c0 : c0 + self.chunk_size]  # (C, d)
             bound = q_low @ self.keys_low[c0 : c0 + self.chunk_size].T  # (M, C)
-            hot = (bound.amax(dim=1).float() >= floor).nonzero().squeeze(1)  # (h,) queries with a candidate here
+            hot = (bound.amax(dim=1).float() >= torch.maximum(best - self.margin, floor)).nonzero().squeeze(1)  # (h,)
             if hot.numel() == 0:
                 continue
             touched[hot] = True
-            maybe = bound[hot] >= floor  # (h, C) the bound reaches the floor
+            bound = bound[hot]  # (h, C)
+            first = bound.max(dim=1).indices  # (h,) the key with the highest bound: its exact cosine first
+            best, arg = _merge(best, arg, hot, (q[hot] * chunk[first]).sum(dim=1), first + c0)
+            level = torch.maximum(best[hot] - self.margin, floor)  # (h,)
+            # compared in the bound's dtype: lowered by more than its rounding, so never above `level`
+            maybe = bound >= (level - _LOWER).to(bound.dtype).unsqueeze(1)  # (h, C) bounds still in reach
+            maybe[torch.arange(hot.numel(), device=q.device), first] = False
             many = torch.count_nonzero(maybe, dim=1) > dense_after  # (h,)
             dense = hot[many]  # queries near many keys: one product
             if dense.numel():
                 s, a = (q[dense] @ chunk.T).max(dim=1)
-                better = s > best[dense]
-                best[dense] = torch.where(better, s, best[dense])
-                arg[dense] = torch.where(better, a + c0, arg[dense])
-            few = (~many).nonzero().squeeze(1)  # (f,) rows of `hot` with a few candidates
-            if few.numel():
-                qi, kj = maybe[few].nonzero(as_tuple=True)  # (p,) pairs
-                qi = hot[few[qi]]
+                best, arg = _merge(best, arg, dense, s, a + c0)
+            qi, kj = maybe[~many].nonzero(as_tuple=True)  # (p,) pairs of the other queries
+            if qi.numel():
+                qi = hot[(~many).nonzero().squeeze(1)[qi]]
                 s = (q[qi] * chunk[kj]).sum(dim=1)  # (p,) exact cosines of the pairs
                 top = torch.full((m,), float("-inf"), device=q.device).scatter_reduce(0, qi, s, "amax")
                 tie = s == top[qi]
-                first = torch.full((m,), keys.shape[0], dtype=torch.long, device=q.device).scatter_reduce(
+                low = torch.full((m,), keys.shape[0], dtype=torch.long, device=q.device).scatter_reduce(
                     0, qi[tie], kj[tie] + c0, "amin")  # lowest index among ties, as argmax
-                better = top > best
-                best = torch.where(better, top, best)
-                arg = torch.where(better, first, arg)
+                rows = torch.unique(qi)
+                best, arg = _merge(best, arg, rows, top[rows], low[rows])
         self.screened += m
         self.rechecked += int(touched.sum())
         hit = (arg >= 0) & (best > thresholds[arg.clamp_min(0)])
         return hit, torch.where(hit, arg, index)
+
+
+def _merge(best: torch.Tensor, arg: torch.Tensor, rows: torch.Tensor, score: torch.Tensor,
+           at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep, for each of ``rows``, the better of (best, arg) and (score, at): higher score, then lower index."""
+    old_s, old_a = best[rows], arg[rows]
+    take = (score > old_s) | ((score == old_s) & (at < old_a))
+    best, arg = best.clone(), arg.clone()
+    best[rows] = torch.where(take, score, old_s)
+    arg[rows] = torch.where(take, at, old_a)
+    return best, arg

@@ -76,7 +76,8 @@ class NeuralDB:
     ``positions x chunk_size`` scores, so 100K keys fit.
 
     With ``screen_min_keys`` keys or more, the hook proves most positions cannot
-    fire with a rank-``screen_rank`` bound (default ``d_key // 2``; 0 turns it off)
+    fire with a rank-``screen_rank`` bound (default ``d_key // 3 - 1``, so that with its
+    norm column the bound is one ``d_key // 3``-wide product; 0 turns it off)
     and computes the exact top-1 only for the rest (:class:`~neuraldb.retrieval.LowRankScreen`):
     the same fires, non-fires and fired indices as brute force, at a fraction of
     its cost. :meth:`gate` and :meth:`retrieve` are always brute force.
@@ -113,7 +114,7 @@ class NeuralDB:
         self.config = dict(config or {})
         self.chunk_size = int(chunk_size)
         # the hook's exact screened gate (retrieval.LowRankScreen) for stores of >= screen_min_keys
-        self.screen_rank = self.d_key // 2 if screen_rank is None else int(screen_rank)
+        self.screen_rank = max(1, self.d_key // 3 - 1) if screen_rank is None else int(screen_rank)
         self.screen_min_keys = int(screen_min_keys)
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
@@ -424,12 +425,15 @@ class NeuralDB:
         if len(self) == 0 or x.dim() != 3:
             return
         batch, seq, _ = x.shape
+        valid = self._valid_positions(batch, seq, x.device).reshape(-1)  # (batch*seq,)
+        rows = valid.nonzero().squeeze(1)  # (m,) only these are gated: the sink and padding never fire
+        queries = x.reshape(-1, self.d_key)[rows]  # (m, d_key)
         if self.screen_rank and len(self) >= self.screen_min_keys and self.screen_rank < self.d_key:
-            gate, index = self._screened_gate(x.reshape(-1, self.d_key))  # (batch*seq,)
+            gated, at = self._screened_gate(queries)  # (m,)
         else:
-            gate, index, _ = self.gate(x.reshape(-1, self.d_key))  # (batch*seq,)
-        valid = self._valid_positions(batch, seq, x.device).reshape(-1)
-        fire = gate & valid  # (batch*seq,)
+            gated, at, _ = self.gate(queries)  # (m,)
+        fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
+        index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
         # counters stay on the device: no host sync in the hot path
         self._positions = self._positions.to(x.device) + valid.sum()
         self._fires = self._fires.to(x.device) + fire.sum()
