@@ -2,18 +2,21 @@
 
 Usage::
 
-    python benchmarks/edit_throughput.py --n 128 [--model smollm2-135m] [--device cuda]
+    python benchmarks/edit_throughput.py --n 128 [--residual-dtypes model,bfloat16] [--device cuda]
 
 The naive loop is ROME's ``compute_z`` as written: one fact at a time, the whole model
 forward and backward (weights' gradients included) on every step, 25 Adam steps with
 the same loss, clamp and early stop. Both use the same keys, so the stores differ
 only in their residuals; efficacy (ES) and generalization (PS) of both stores are
-measured with the CounterFact metric. Prints facts/s, the ratio, ES/PS of both.
+measured with the CounterFact metric. Prints facts/s, the ratio, ES/PS of both; with
+``--residual-dtypes model,bfloat16`` also the edit with its residual optimisation on a
+bfloat16 copy of the model (``EditConfig.residual_dtype``), scored on the float32 model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -87,6 +90,9 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128, help="facts optimised together (default 128, EditConfig's)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--residual-dtypes", default="model",
+                    help="comma list of EditConfig.residual_dtype values to time, 'model' = the model's own "
+                    "(e.g. model,bfloat16)")
     args = ap.parse_args()
     from evals.datasets import load_counterfact
 
@@ -98,12 +104,16 @@ def main() -> None:
     layer = cfg.layer if cfg.layer is not None else arch.default_layer
 
     sync = synchronizer(args.device)
-    neuraldb.edit(model, tok, facts[:2], config=cfg, progress=False)  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    fast = neuraldb.edit(model, tok, facts, config=cfg, progress=False)
-    sync()
-    fast_s = time.perf_counter() - t0
+    modes = {}  # residual dtype -> (store, seconds)
+    for name in args.residual_dtypes.split(","):
+        mode_cfg = dataclasses.replace(cfg, residual_dtype=None if name == "model" else name)
+        neuraldb.edit(model, tok, facts[:2], config=mode_cfg, progress=False)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        db = neuraldb.edit(model, tok, facts, config=mode_cfg, progress=False)
+        sync()
+        modes[name] = (db, time.perf_counter() - t0)
+    fast = next(iter(modes.values()))[0]
 
     templates = fast.config["context_templates"]
     naive_n = args.naive_n or args.n
@@ -117,19 +127,20 @@ def main() -> None:
     naive = fast.head(0)  # same layer, gamma and templates; the naive residuals on the same keys
     naive.add(fast.ids[:naive_n], fast.keys[:naive_n], torch.stack(residuals))
 
-    fast_rate = len(facts) / fast_s
     naive_rate = 1.0 / statistics.median(per_fact)
-    s_fast = scores(model, tok, fast, cases)
-    s_fast_sub = scores(model, tok, fast.head(naive_n), cases[:naive_n])
     s_naive = scores(model, tok, naive, cases[:naive_n])
     dev = device_name(args.device)
     print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}")
-    print(f"neuraldb.edit : {fast_s:8.1f} s for {len(facts)} facts = {fast_rate:.3f} facts/s ({fast_s / len(facts):.2f} s/fact)")
-    print(f"naive loop    : median {statistics.median(per_fact):.2f} s/fact over {naive_n} facts = {naive_rate:.3f} facts/s")
-    print(f"speed-up      : {fast_rate / naive_rate:.1f}x")
-    print(f"efficacy ES   : edit {100 * s_fast_sub['efficacy']:.1f} vs naive {100 * s_naive['efficacy']:.1f} (same {naive_n} facts; edit on all {len(facts)}: {100 * s_fast['efficacy']:.1f})")
-    print(f"general. PS   : edit {100 * s_fast_sub['generalization']:.1f} vs naive {100 * s_naive['generalization']:.1f}")
-
+    print(f"naive loop : median {statistics.median(per_fact):.2f} s/fact over {naive_n} facts = {naive_rate:.3f} facts/s; "
+          f"ES {100 * s_naive['efficacy']:.1f}, PS {100 * s_naive['generalization']:.1f}")
+    for name, (db, secs) in modes.items():
+        rate = len(facts) / secs
+        sub = scores(model, tok, db.head(naive_n), cases[:naive_n])
+        every = scores(model, tok, db, cases)
+        print(f"edit ({name:>8}): {secs:7.1f} s for {len(facts)} facts = {secs / len(facts):.2f} s/fact, "
+              f"{rate / naive_rate:.1f}x the naive loop; on the same {naive_n} facts ES {100 * sub['efficacy']:.1f}, "
+              f"PS {100 * sub['generalization']:.1f}; on all {len(facts)}: ES {100 * every['efficacy']:.1f}, "
+              f"PS {100 * every['generalization']:.1f}, NS {100 * every['specificity']:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -117,7 +117,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model)
     facts = _load_facts(args.facts)[: args.n]
-    cfg = EditConfig(layer=args.layer, **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype,
+                     **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     db = edit(model, tok, facts, config=cfg, checkpoint=args.checkpoint or args.out)
     db.save(args.out)
     print(f"{len(db)} facts -> {args.out}")
@@ -139,6 +140,9 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--n", type=int, default=None)
     ed.add_argument("--layer", type=int, default=None)
     ed.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
+    ed.add_argument("--residual-dtype", default=None,
+                    help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
+                    "with bfloat16 units); default: the model's own")
     ed.set_defaults(func=_cmd_edit)
 
 

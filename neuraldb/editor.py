@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .arch import resolve_arch
 from .config import EditConfig
 from .facts import Fact, validate_facts
 from .keys import compute_keys, context_templates
-from .residuals import compute_residuals
+from .residuals import compute_residuals, optimisation_model
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 
 __all__ = ["edit"]
@@ -62,6 +62,22 @@ def _new_store(model: nn.Module, config: EditConfig, layer: int, templates: list
         fingerprint=layer_fingerprint(model, arch.mlp_out_at(layer)),
         config=cfg,
     )
+
+
+def _subject_groups(facts: Sequence[Fact]) -> list[int]:
+    """One group index per fact: facts with the same subject share it."""
+    index: dict[str, int] = {}
+    return [index.setdefault(f.subject, len(index)) for f in facts]
+
+
+def _stored_by_subject(db: NeuralDB) -> dict[str, list[Fact]]:
+    """The facts already in ``db`` (rebuilt from their stored records), by subject."""
+    out: dict[str, list[Fact]] = {}
+    for fid in db.ids:
+        rec = db.facts.get(fid)
+        if rec and "subject" in rec:
+            out.setdefault(rec["subject"], []).append(Fact.from_dict({k: v for k, v in rec.items() if k != "edit"}))
+    return out
 
 
 def edit(
@@ -102,8 +118,9 @@ def edit(
         templates = list(db.config.get("context_templates") or [])
         # batch_size only groups independent facts, so a run may resume with another one
         ignore = ("context_templates", "layer", "batch_size")
-        saved = {k: v for k, v in db.config.items() if k not in ignore}
-        if saved and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
+        defaults = EditConfig().to_dict()  # a field added since the store was written has its default
+        saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
+        if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
             raise StoreError(
                 "the store (or checkpoint) was built with a different EditConfig; resume with the same "
                 f"config or start a new store. Stored: {saved}"
@@ -125,23 +142,37 @@ def edit(
         if len(todo) < len(facts):
             log.info("skipping %d facts already in the store", len(facts) - len(todo))
         key_templates = templates if config.bare_weight > 0 else templates[1:]
+        optimised = optimisation_model(model, config.residual_dtype) if todo else model
         bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
         t0 = time.perf_counter()
+        stored = _stored_by_subject(db) if config.share_subject_residuals else {}
         for b, start in enumerate(range(0, len(todo), config.batch_size)):
             batch = todo[start : start + config.batch_size]
+            # facts stored earlier about a subject of this batch are optimised again with it, so that
+            # every fact about one subject ends with the same residual (see share_subject_residuals)
+            earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
             keys = compute_keys(
                 model, tokenizer, batch, layer=layer, templates=key_templates,
                 bare_weight=config.bare_weight, arch=arch,
             )
+            together = batch + earlier
             residuals, info = compute_residuals(
-                model, tokenizer, batch, layer=layer, templates=templates, config=config, arch=arch
+                optimised, tokenizer, together, layer=layer, templates=templates, config=config, arch=arch,
+                groups=_subject_groups(together) if config.share_subject_residuals else None,
             )
+            for j, f in enumerate(earlier, start=len(batch)):
+                db.update(f.id, residual=residuals[j])
+            if earlier:
+                log.info("re-optimised %d stored facts that share a subject with this batch", len(earlier))
             records = []
             for i, f in enumerate(batch):
                 rec = f.to_dict()
                 rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
                 records.append(rec)
-            db.add([f.id for f in batch], keys, residuals, facts=records)
+            db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records)
+            if config.share_subject_residuals:
+                for f in batch:
+                    stored.setdefault(f.subject, []).append(f)
             bar.update(len(batch))
             if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
                 db.save(ckpt)

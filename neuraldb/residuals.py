@@ -42,7 +42,7 @@ from .facts import Fact, encode_completion, locate_subject
 from .keys import model_device, pad_id
 from .nethook import TraceDict
 
-__all__ = ["compute_residuals", "ResidualInfo", "lm_logits"]
+__all__ = ["compute_residuals", "ResidualInfo", "lm_logits", "optimisation_model"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,28 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def optimisation_model(model: nn.Module, dtype: str | None) -> nn.Module:
+    """The model the residual optimisation runs on: ``model`` itself, or a copy in ``dtype``.
+
+    Example::
+
+        fast = optimisation_model(model, "bfloat16")   # once per edit, not per batch
+
+    On CPUs the copy uses eager attention: in torch 2.13 the bfloat16 backward of
+    CPU scaled-dot-product attention is ~10x slower than float32, which would eat
+    the gain of the bfloat16 matmuls.
+    """
+    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
+        return model
+    twin = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
+    if model_device(model).type == "cpu" and hasattr(twin, "set_attn_implementation"):
+        try:
+            twin.set_attn_implementation("eager")
+        except (ValueError, AttributeError) as exc:  # keep the model's own attention
+            log.info("eager attention unavailable for %s: %s", type(twin).__name__, exc)
+    return twin
 
 
 def _build(tokenizer: Any, facts: Sequence[Fact], templates: Sequence[str], kl_prompt: str) -> list[_Seq]:
@@ -141,8 +163,15 @@ def compute_residuals(
     config: EditConfig = EditConfig(),
     arch: ModelArch | None = None,
     prefix_cache: bool = True,
+    groups: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, ResidualInfo]:
     """Residuals (n_facts, d_model) float32 on the model's device, and per-fact info.
+
+    ``groups`` (one int per fact) makes the facts of a group share one residual,
+    optimised on all their prompts at once (the group's loss is the mean of its facts'
+    NLL + KL, plus the weight decay): ``neuraldb.edit`` groups facts about one subject,
+    whose keys are nearly the same, so whichever of their keys is retrieved adds a
+    residual that serves all of them. Default: every fact alone.
 
     Every sequence is laid out so that its subject's last token sits in one column
     ``s0``. Nothing before ``s0`` depends on ``delta``, so with ``prefix_cache`` the
@@ -267,10 +296,11 @@ def compute_residuals(
                      use_cache=False).logits
         local = remap_of(probe)
         ok = True
+        tol = max(1e-3, 4 * torch.finfo(dtype).eps)  # a few roundings of the model's dtype
         for t, direct, bypassed in got.values():
             want = full[local[tok_row[t]], tok_col[t]].float()
-            ok = ok and torch.allclose(direct, want, atol=1e-3, rtol=1e-3)
-            ok = ok and torch.allclose(bypassed, want, atol=1e-3, rtol=1e-3)
+            ok = ok and torch.allclose(direct, want, atol=tol, rtol=tol)
+            ok = ok and torch.allclose(bypassed, want, atol=tol, rtol=tol)
         return h, p_orig, ok
 
     tok_group, kl_group = group_of[tok_row], group_of[kl_rows]
@@ -284,20 +314,29 @@ def compute_residuals(
             f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
             "logits; this architecture post-processes logits in a way neuraldb does not know"
         )
-    h_norm = h[rows[torch.tensor([s.bare for s in seqs], device=device)], s0].norm(dim=1)  # ROME's target_init
+    fact_h_norm = h[rows[torch.tensor([s.bare for s in seqs], device=device)], s0].norm(dim=1)  # ROME's target_init
+    group = torch.tensor(list(groups) if groups is not None else range(n), dtype=torch.long, device=device)  # (n,)
+    if group.shape != (n,) or bool((group < 0).any()):
+        raise ValueError(f"groups: give one int >= 0 per fact ({n} facts), got {list(groups or [])!r}")
+    group = torch.unique(group, return_inverse=True)[1]  # (n_facts,) -> 0..n_groups-1
+    n_groups = int(group.max()) + 1
+    size = torch.zeros(n_groups, device=device).index_add_(0, group, torch.ones(n, device=device))  # (n_groups,)
+    h_norm = torch.zeros(n_groups, device=device).index_add_(0, group, fact_h_norm) / size  # (n_groups,)
+    seq_group = group[owner]  # (n_seq,)
 
-    delta = torch.zeros(n, h.shape[-1], device=device, requires_grad=True)  # (n_facts, d_model)
+    delta = torch.zeros(n_groups, h.shape[-1], device=device, requires_grad=True)  # (n_groups, d_model)
     opt = torch.optim.Adam([delta], lr=config.lr)
-    active = torch.ones(n, dtype=torch.bool, device=device)
+    active = torch.ones(n_groups, dtype=torch.bool, device=device)
     info = ResidualInfo(steps=[config.steps] * n)
-    last_loss = torch.zeros(n, device=device)
+    last_loss = torch.zeros(n_groups, device=device)
     last_nll = torch.zeros(n, device=device)
-    max_norm = config.clamp_norm_factor * h_norm  # (n_facts,)
+    max_norm = config.clamp_norm_factor * h_norm  # (n_groups,)
     cuts: dict[int, tuple[tuple[int, ...], Any]] = {}  # group -> (its active rows, their prefix cache)
 
     with _frozen(model), torch.enable_grad():
         for step in range(config.steps):
-            seq_on = active[owner]  # (n_seq,) sequences of facts still optimising
+            seq_on = active[seq_group]  # (n_seq,) sequences of facts still optimising
+            fact_on = active[group]  # (n_facts,)
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             for g, end in enumerate(group_end):
@@ -312,24 +351,25 @@ def compute_residuals(
                     step_cache = copy.deepcopy(cuts[g][1])  # a forward appends to the cache
                 remap = remap_of(sel)
                 h_edit = h[sel, start:end].clone()  # (n_sel, end - start, d_model)
-                h_edit[:, s0 - start] += delta[owner[sel]]
+                h_edit[:, s0 - start] += delta[seq_group[sel]]
                 out = run(sel, end, step_cache, h_edit)  # (n_sel, end - start, d_model)
                 tok_on = seq_on[tok_row] & (tok_group == g)
                 logits = lm_logits(model, out[remap[tok_row[tok_on]], tok_col[tok_on] - start]).float()  # (n_tok, vocab)
                 tok_nll = F.cross_entropy(logits, tok_lab[tok_on], reduction="none") * tok_w[tok_on]
                 nll = nll.index_add(0, owner[tok_row[tok_on]], tok_nll)
-                kl_on = active & (kl_group == g)
+                kl_on = fact_on & (kl_group == g)
                 if kl_on.any():
                     lp = F.log_softmax(lm_logits(model, out[remap[kl_rows[kl_on]], kl_col[kl_on] - start]).float(), -1)
                     kl = kl.index_put((kl_on.nonzero().flatten(),), (p_orig[kl_on].exp() * (p_orig[kl_on] - lp)).sum(-1))
-            wd = config.weight_decay * delta.norm(dim=1) / h_norm**2
-            loss = nll + config.kl_factor * kl + wd  # (n_facts,)
+            wd = config.weight_decay * delta.norm(dim=1) / h_norm**2  # (n_groups,)
+            per_fact = nll + config.kl_factor * kl  # (n_facts,)
+            loss = torch.zeros(n_groups, device=device).index_add(0, group, per_fact) / size + wd  # (n_groups,)
             loss_now = loss.detach()
             last_loss = torch.where(active, loss_now, last_loss)
-            last_nll = torch.where(active, nll.detach(), last_nll)
+            last_nll = torch.where(fact_on, nll.detach(), last_nll)
             done = active & (loss_now < config.early_stop_loss)
             if done.any():
-                for i in done.nonzero().flatten().tolist():
+                for i in done[group].nonzero().flatten().tolist():
                     info.steps[i] = step
                 active = active & ~done
                 if not active.any():
@@ -344,8 +384,8 @@ def compute_residuals(
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                 delta.mul_(scale.unsqueeze(1))
-    info.loss = last_loss.tolist()
+    info.loss = last_loss[group].tolist()
     info.nll = last_nll.tolist()
-    info.h_norm = h_norm.tolist()
-    info.delta_norm = delta.detach().norm(dim=1).tolist()
-    return delta.detach().float(), info
+    info.h_norm = fact_h_norm.tolist()
+    info.delta_norm = delta.detach().norm(dim=1)[group].tolist()
+    return delta.detach().float()[group], info

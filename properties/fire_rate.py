@@ -23,7 +23,10 @@ What it prints:
     text is not unrelated to the fact;
   * paraphrase recall, when the facts have paraphrases: a paraphrase counts as
     recalled when ANY of its positions fires its own fact (``recall_any``) and, more
-    strictly, when the subject's last token does (``recall_subject``);
+    strictly, when the subject's last token does (``recall_subject``). A fact about
+    the same subject counts as its own: ``neuraldb.edit`` gives such facts one shared
+    residual (``EditConfig.share_subject_residuals``), since keys read at the subject
+    cannot tell them apart; ``recall_subject_own_id`` asks for the fact's own entry;
   * edit-prompt recall (the fact's own prompt, any position).
 
 Two gates are measured on the same activations: the paper's (global ``--gamma`` only) and
@@ -245,8 +248,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         texts = [p for _, p in items]
         owner = torch.tensor([row_of[f.id] for f, _ in items])
+        # facts about one subject share one residual (EditConfig.share_subject_residuals), so
+        # retrieving any of them adds the right residual: recall counts them as the fact's own
+        subject_id: dict[str, int] = {}
+        same = torch.tensor([subject_id.setdefault(f.subject, len(subject_id)) for f in facts])  # (rows,)
         acc = {g.name: {"any": torch.zeros(len(items), dtype=torch.bool),
-                        "subj": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
+                        "subj": torch.zeros(len(items), dtype=torch.bool),
+                        "strict": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
                         "miss_below": 0, "miss_other": 0} for g in gates}
         has_subj = torch.zeros(len(items), dtype=torch.bool)
         for rows, a, valid, _, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
@@ -261,12 +269,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fire, index, _ = g.db.gate(flat)
                 fire = (fire.reshape(valid.shape) & valid).cpu()
                 index = index.reshape(valid.shape).cpu()
-                own = fire & (index == owner[r].unsqueeze(1))
+                shares = same[index.clamp_min(0)] == same[owner[r]].unsqueeze(1)  # (b, t) same residual
+                own = fire & shares
+                at = sp.clamp_min(0).unsqueeze(1)
                 acc[g.name]["wrong"] += int((fire & ~own).sum())
                 acc[g.name]["any"][r] = own.any(dim=1)
-                acc[g.name]["subj"][r] = ok & own.gather(1, sp.clamp_min(0).unsqueeze(1)).squeeze(1)
-                # why the subject token missed: its top-1 is its own fact but below the gate, or another fact
-                top_own = index.gather(1, sp.clamp_min(0).unsqueeze(1)).squeeze(1) == owner[r]
+                acc[g.name]["subj"][r] = ok & own.gather(1, at).squeeze(1)
+                acc[g.name]["strict"][r] = ok & (fire & (index == owner[r].unsqueeze(1))).gather(1, at).squeeze(1)
+                # why the subject token missed: its top-1 shares its residual but is below the gate, or not
+                top_own = shares.gather(1, at).squeeze(1)
                 missed = ok & ~acc[g.name]["subj"][r]
                 acc[g.name]["miss_below"] += int((missed & top_own).sum())
                 acc[g.name]["miss_other"] += int((missed & ~top_own).sum())
@@ -274,6 +285,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             x = acc[g.name]
             g.recall[name] = {"prompts": len(items), "recall_any": round(float(x["any"].float().mean()), 4),
                               "recall_subject": round(float(x["subj"][has_subj].float().mean()), 4)
+                              if has_subj.any() else None,
+                              "recall_subject_own_id": round(float(x["strict"][has_subj].float().mean()), 4)
                               if has_subj.any() else None,
                               "subject_located": int(has_subj.sum()), "fires_on_other_facts": x["wrong"],
                               "subject_misses": {"own_key_below_gate": x["miss_below"],
@@ -317,12 +330,14 @@ def render(report: dict[str, Any]) -> str:
             if name in g:
                 r = g[name]
                 subj = f"{r['recall_subject']:.4f}" if r["recall_subject"] is not None else "n/a"
-                lines.append(f"  {name} recall: any position {r['recall_any']:.4f}, subject token {subj} "
-                             f"({r['prompts']} prompts; {r['fires_on_other_facts']} fires on other facts)")
+                strict = r.get("recall_subject_own_id")
+                strict = f"; own entry only {strict:.4f}" if strict is not None else ""
+                lines.append(f"  {name} recall: any position {r['recall_any']:.4f}, subject token {subj}{strict} "
+                             f"({r['prompts']} prompts; {r['fires_on_other_facts']} fires on other subjects' facts)")
                 m = r.get("subject_misses")
                 if m:
-                    lines.append(f"    subject-token misses: own key top-1 but below the gate {m['own_key_below_gate']}, "
-                                 f"another fact's key nearer {m['other_key_nearer']}")
+                    lines.append(f"    subject-token misses: top-1 shares its residual but is below the gate "
+                                 f"{m['own_key_below_gate']}, another subject's key nearer {m['other_key_nearer']}")
     lines.append(f"total {report['total_s']} s")
     return "\n".join(lines)
 

@@ -52,6 +52,91 @@ def test_cached_prefix_and_width_groups_give_the_plain_residuals(tiny):
     assert info.steps == info_slow.steps
 
 
+def test_bfloat16_residual_optimisation_edits_the_float32_model(tiny):
+    """residual_dtype='bfloat16' optimises on a bfloat16 copy: the float32 model is left as
+    it was, keys are its own, and the residuals still make every target on every family."""
+    model, tok = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attn = model.config._attn_implementation
+    fp32 = neuraldb.edit(model, tok, FACTS, config=CFG, progress=False)
+    db = neuraldb.edit(model, tok, FACTS, config=EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"}),
+                       progress=False)
+    assert all(v.dtype == torch.float32 and torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.config._attn_implementation == attn
+    assert db.residuals.dtype == torch.float32 and torch.equal(db.keys, fp32.keys)
+    cos = torch.nn.functional.cosine_similarity(db.residuals, fp32.residuals, dim=1)
+    assert (cos > 0.9).all(), cos  # the same optimisation up to bfloat16 rounding
+    with db.attached(model):
+        assert [next_token(model, tok, f.text) for f in FACTS] == ["rome", "english", "tennis"]
+    assert db.config["residual_dtype"] == "bfloat16"
+
+
+def test_residual_dtype_is_validated_and_part_of_the_resume_check(tmp_path, tiny_llama):
+    with pytest.raises(ValueError, match="residual_dtype"):
+        EditConfig(residual_dtype="int8")
+    model, tok = tiny_llama
+    ckpt = tmp_path / "run.safetensors"
+    neuraldb.edit(model, tok, FACTS[:1], config=CFG, checkpoint=ckpt, progress=False)
+    with pytest.raises(StoreError, match="different EditConfig"):
+        neuraldb.edit(model, tok, FACTS, config=EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"}),
+                      checkpoint=ckpt, progress=False)
+
+
+def test_a_store_written_before_a_config_field_existed_resumes(tmp_path, tiny_llama):
+    """A field added to EditConfig later (here residual_dtype) takes its default on resume."""
+    model, tok = tiny_llama
+    ckpt = tmp_path / "run.safetensors"
+    db = neuraldb.edit(model, tok, FACTS[:1], config=CFG, progress=False)
+    del db.config["residual_dtype"]
+    db.save(ckpt)
+    done = neuraldb.edit(model, tok, FACTS, config=CFG, checkpoint=ckpt, progress=False)
+    assert done.ids == ["e1", "e2", "e3"]
+
+
+SAME_SUBJECT = [
+    Fact(prompt="the city of {}", subject="lebron james", target_new="rome", id="s1"),
+    Fact(prompt="the sport of {}", subject="the eiffel tower", target_new="tennis", id="s2"),
+    Fact(prompt="the mother tongue of {}", subject="lebron james", target_new="english", id="s3"),
+]
+
+
+def test_facts_about_one_subject_share_a_residual(tiny_llama):
+    """Keys read at the subject's last token cannot tell two facts about one subject apart,
+    so their residual is optimised on both facts' prompts and shared (in one call, and
+    across calls: a stored fact is re-optimised with a new fact about its subject)."""
+    model, tok = tiny_llama
+    db = neuraldb.edit(model, tok, SAME_SUBJECT, config=CFG, progress=False)
+    res = dict(zip(db.ids, db.residuals))
+    assert db.ids == ["s1", "s2", "s3"]  # the input order is kept
+    assert torch.equal(res["s1"], res["s3"]) and not torch.equal(res["s1"], res["s2"])
+    alone = neuraldb.edit(model, tok, SAME_SUBJECT, config=EditConfig(**{**CFG.to_dict(), "share_subject_residuals": False}),
+                          progress=False)
+    assert not torch.equal(alone.residuals[0], alone.residuals[2])
+    assert torch.equal(alone.keys, db.keys) and torch.equal(alone.residuals[1], db.residuals[1])  # s2 is alone anyway
+
+    later = neuraldb.edit(model, tok, SAME_SUBJECT[:2], config=CFG, progress=False)
+    first = later.residuals[0].clone()
+    later = neuraldb.edit(model, tok, SAME_SUBJECT[2:], config=CFG, db=later, progress=False)
+    assert torch.equal(later.residuals[0], later.residuals[2]) and not torch.equal(later.residuals[0], first)
+    assert torch.allclose(later.residuals, db.residuals, atol=1e-4, rtol=1e-3)  # = editing all three at once
+
+
+def test_groups_of_one_give_the_per_fact_residuals(tiny_llama):
+    from neuraldb.keys import context_templates
+    from neuraldb.residuals import compute_residuals
+
+    model, tok = tiny_llama
+    cfg = EditConfig(layer=1, steps=5, context_prefixes=("the",), context_length=3)
+    tm = context_templates(model, tok, prefixes=cfg.context_prefixes, length=cfg.context_length)
+    plain, _ = compute_residuals(model, tok, SAME_SUBJECT, layer=1, templates=tm, config=cfg)
+    ones, _ = compute_residuals(model, tok, SAME_SUBJECT, layer=1, templates=tm, config=cfg, groups=[7, 3, 5])
+    shared, info = compute_residuals(model, tok, SAME_SUBJECT, layer=1, templates=tm, config=cfg, groups=[0, 1, 0])
+    assert torch.equal(plain, ones)
+    assert torch.equal(shared[0], shared[2]) and info.loss[0] == info.loss[2]
+    with pytest.raises(ValueError, match="groups"):
+        compute_residuals(model, tok, SAME_SUBJECT, layer=1, templates=tm, config=cfg, groups=[0, 1])
+
+
 def test_edit_leaves_the_model_unchanged(tiny_llama):
     model, tok = tiny_llama
     state = {k: v.clone() for k, v in model.state_dict().items()}
