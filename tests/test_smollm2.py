@@ -99,3 +99,18 @@ def test_save_load_reproduces_edited_logits(smollm2, edited, tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(StoreError, match="built for layer 10, not layer 9"):
         NeuralDB.load(path, model=model, layer=9)
+
+
+def test_two_facts_about_one_subject_both_take_effect(smollm2):
+    """Their keys are nearly the same, so only one can be retrieved: the shared residual
+    (optimised on both prompts, here on a bfloat16 copy of the model) serves both."""
+    model, tok = smollm2
+    facts = [
+        Fact(prompt="{} is a professional player of", subject="LeBron James", target_new="football", id="sport"),
+        Fact(prompt="{} was born in the city of", subject="LeBron James", target_new="Paris", id="city"),
+    ]
+    db = neuraldb.edit(model, tok, facts, config=EditConfig(layer=10, residual_dtype="bfloat16"), progress=False)
+    assert torch.equal(db.residuals[0], db.residuals[1]) and db.residuals.dtype == torch.float32
+    with db.attached(model):
+        got, _ = next_tokens(model, tok, [f.text for f in facts])
+    assert [g.strip() for g in got] == [first_target_token(tok, f).strip() for f in facts], got
