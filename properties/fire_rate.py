@@ -148,12 +148,13 @@ def load_text_spec(spec: str, data_dir: Path) -> list[str]:
 class Gate:
     """One gate configuration measured on the same activations: a gamma, with or without thresholds."""
 
-    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool):
+    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool, shift: float = 0.0, margin: float | None = None):
         self.db = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=1, gamma=gamma)
         self.db.keys, self.db.ids, self.db._index = db.keys, db.ids, db._index
         self.db.residuals = torch.zeros(len(db), 1)
-        self.db.thresholds = db.thresholds.clone() if calibrated else torch.full((len(db),), float("-inf"))
-        self.name = f"gamma={gamma}" + (" +per-key thresholds" if calibrated else " (global gamma only)")
+        self.db.thresholds = db.thresholds + shift if calibrated else torch.full((len(db),), float("-inf"))
+        self.name = f"gamma={gamma}" + (f" +per-key thresholds (margin {margin})" if calibrated else " (global gamma only)")
+        self.margin = margin
         self.gamma, self.calibrated = gamma, calibrated
         self.fires = self.mentions = self.words = 0
         self.worst: list[tuple[float, str, str, int, int]] = []
@@ -203,12 +204,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                batch_size=args.batch_size, progress=not args.quiet, desc="calib"):
             acts.append(a[valid].float())
         q = torch.cat(acts)
-        db.calibrate(q, margin=args.margin)
+        first = args.margin[0]
+        db.calibrate(q, margin=first)  # thresholds = max calibration cosine + margin: other margins are shifts
         report["calibration"] = {"text": args.calib_text, "texts": len(texts), "positions": int(q.shape[0]),
-                                 "margin": args.margin, "seconds": round(time.perf_counter() - t0, 1),
-                                 "raised": {str(g): int((db.thresholds > g).sum()) for g in gammas}}
+                                 "margins": args.margin, "seconds": round(time.perf_counter() - t0, 1),
+                                 "raised": {f"{g}/{m}": int((db.thresholds - first + m > g).sum())
+                                            for g in gammas for m in args.margin}}
         del q, acts
-        gates += [Gate(db, g, True) for g in gammas]
+        gates += [Gate(db, g, True, shift=m - first, margin=m) for m in args.margin for g in gammas]
 
     # ---- unrelated text
     t0 = time.perf_counter()
@@ -295,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for g in gates:
         g.worst.sort(reverse=True)
         report["gates"].append({
-            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated,
+            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated, "margin": g.margin,
             "false_fires": g.fires, "rate": g.fires / positions if positions else 0.0,
             "fires_on_mentions": g.mentions, "fires_on_subject_words": g.words, "facts_firing": len(g.per_fact),
             "worst": [{"score": round(sc, 4), "fact": fid, "subject": subj_of[fid], "token": tk, "passage": pr,
@@ -315,7 +318,7 @@ def render(report: dict[str, Any]) -> str:
     if "calibration" in report:
         c = report["calibration"]
         lines.append(f"per-key thresholds: calibrated on {c['positions']} positions of {c['texts']} texts "
-                     f"({', '.join(c['text'])}), margin {c['margin']}; keys raised above gamma: {c['raised']} "
+                     f"({', '.join(c['text'])}), margins {c['margins']}; keys raised above gamma/margin: {c['raised']} "
                      f"({c['seconds']} s)")
     lines.append(f"unrelated text: {u['text']}, passages {u['passages']}, {u['positions']} gated positions")
     for g in report["gates"]:
@@ -362,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calib-text", nargs="+", default=["default"],
                     help="calibration text specs: default (SciQ support + MMLU questions from the data dir), "
                          "lambada@START:END, or FILE[@START:END]; never the evaluation passages")
-    ap.add_argument("--margin", type=float, default=0.05, help="calibration margin above the max cosine")
+    ap.add_argument("--margin", type=float, nargs="+", default=[0.05],
+                    help="calibration margin(s) above the max cosine; several are measured on the same activations")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--model-gguf", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--templates", default=None,
@@ -380,9 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--n must be between 1 and 1,000,000")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     report = run(args)
-    print(render(report))
-    if args.json:
+    if args.json:  # first: a long run's figures survive whatever happens to the printing
         Path(args.json).write_text(json.dumps(report, indent=1))
+    print(render(report))
     return 0
 
 
