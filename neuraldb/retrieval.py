@@ -67,8 +67,10 @@ class LowRankScreen:
     whose bound reaches that floor give its top-1. So every fire, every non-fire
     and the index of every fire equal the brute-force decision whatever the basis;
     the basis only decides how many pairs are re-checked. It is the top
-    eigenvectors of ``K^T K + Q^T Q`` for a sample of keys and of queries (activations of real text fall largely outside the keys' own
-    principal subspace, so the queries matter). Built once per store change.
+    eigenvectors of ``K^T K + w Q^T Q`` for a sample of keys and of queries, ``w`` giving
+    the queries ``query_share`` of the keys' weight (activations of real text fall largely
+    outside the keys' own principal subspace, so the queries matter). Built once per
+    store change.
     """
 
     def __init__(self, basis: torch.Tensor, keys_low: torch.Tensor, *, margin: float = SCREEN_MARGIN,
