@@ -245,16 +245,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ---- paraphrase and edit-prompt recall (real facts only: generated fill-ups are not measured)
     measured = [f for f in facts if f.id in real]
     row_of = {f.id: i for i, f in enumerate(facts)}  # facts are in the store's row order
+    # facts about one subject share one residual (EditConfig.share_subject_residuals), so
+    # retrieving any of them adds the right residual: recall counts them as the fact's own
+    subject_id: dict[str, int] = {}
+    same = torch.tensor([subject_id.setdefault(f.subject, len(subject_id)) for f in facts])  # (rows,)
     for name, items in (("paraphrase", [(f, p) for f in measured for p in f.paraphrases]),
                         ("edit_prompt", [(f, f.text) for f in measured])):
         if not items:
             continue
         texts = [p for _, p in items]
         owner = torch.tensor([row_of[f.id] for f, _ in items])
-        # facts about one subject share one residual (EditConfig.share_subject_residuals), so
-        # retrieving any of them adds the right residual: recall counts them as the fact's own
-        subject_id: dict[str, int] = {}
-        same = torch.tensor([subject_id.setdefault(f.subject, len(subject_id)) for f in facts])  # (rows,)
         acc = {g.name: {"any": torch.zeros(len(items), dtype=torch.bool),
                         "subj": torch.zeros(len(items), dtype=torch.bool),
                         "strict": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
