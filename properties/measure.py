@@ -173,7 +173,8 @@ def _hash(*parts: Any) -> str:
 
 @torch.no_grad()
 def _group_means(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: int, templates: Sequence[str],
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 batch_size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bare and prefixed means of the MLP input ``offset`` tokens before the subject's last token."""
     arch = resolve_arch(model)
     device = model_device(model)
     reqs = key_requests(tok, facts, templates)
@@ -186,7 +187,7 @@ def _group_means(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: int, 
         ids, mask = pad_batch([r.ids for r in chunk], pad_id(tok), device)
         with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        pos = torch.tensor([r.subject_pos for r in chunk], device=device)
+        pos = torch.tensor([max(r.subject_pos - offset, 0) for r in chunk], device=device)
         vec = t.input[torch.arange(len(chunk), device=device), pos].float().cpu()
         if sums is None:
             d = vec.shape[1]

@@ -33,12 +33,36 @@ def test_fire_rate_calibrated_margins_on_the_same_activations(smollm2, shared_da
 
     out = tmp_path / "report.json"
     assert main(["--facts", "counterfact", "--n", "24", "--passages", "0:4", "--calibrate", "only", "--gamma", "0.65",
-                 "--margin", "0.0", "0.1", "--calib-text", "lambada@10:16", "--data-dir", str(shared_data),
+                 "--margin", "0.0", "0.1", "--calib-text", "lambada@2:16", "--data-dir", str(shared_data),
                  "--cache-dir", str(tmp_path / "keys"), "--quiet", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["calibration"]["margins"] == [0.0, 0.1] and report["calibration"]["positions"] > 100
+    # passages 2 and 3 are evaluated: they are dropped from the calibration text (held out by construction)
+    assert report["calibration"]["dropped_evaluated"] == 2 and report["calibration"]["texts"] == 12
     small, large = report["gates"]
     assert (small["margin"], large["margin"]) == (0.0, 0.1) and small["calibrated"] and large["calibrated"]
     assert large["false_fires"] <= small["false_fires"]
     assert large["paraphrase"]["recall_any"] <= small["paraphrase"]["recall_any"]
     assert "margins [0.0, 0.1]" in capsys.readouterr().out
+
+
+def test_default_calibration_text_is_never_the_evaluated_text(tmp_path):
+    """``default`` calibration: the general tasks' inputs plus the LAMBADA passages that are
+    not evaluated (all of them when another text is evaluated)."""
+    from pathlib import Path
+
+    from properties.fire_rate import calibration_texts, load_text_spec
+
+    d = Path(tmp_path)
+    (d / "sciq").mkdir(), (d / "mmlu").mkdir(), (d / "wsc273").mkdir(), (d / "lambada_openai").mkdir()
+    (d / "sciq" / "sciq_test.jsonl").write_text("".join(json.dumps({"support": f"support {i}"}) + "\n" for i in range(3)))
+    (d / "mmlu" / "mmlu_test.jsonl").write_text("".join(json.dumps({"question": f"q {i}"}) + "\n" for i in range(10)))
+    (d / "wsc273" / "wsc273_test.jsonl").write_text(json.dumps({"text": "The trophy did not fit."}) + "\n")
+    (d / "lambada_openai" / "lambada_test.jsonl").write_text(
+        "".join(json.dumps({"text": f"passage {i}"}) + "\n" for i in range(6)))
+    assert calibration_texts(d) == ["support 0", "support 1", "support 2", "q 0", "q 5", "The trophy did not fit."]
+    evaluated_slice = load_text_spec("default", d, (None, "1:3"))
+    assert [t for t in evaluated_slice if t.startswith("passage")] == ["passage 0", "passage 3", "passage 4", "passage 5"]
+    other_text = load_text_spec("default", d, ("my_text.txt", None))
+    assert [t for t in other_text if t.startswith("passage")] == [f"passage {i}" for i in range(6)]
+    assert not any(t.startswith("passage") for t in load_text_spec("default", d, (None, None)))  # all evaluated
