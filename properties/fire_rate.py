@@ -17,9 +17,9 @@ What it prints:
   * false fires on the unrelated text (default: LAMBADA from the data dir,
     ``$NEURALDB_DATA_DIR`` or ``--data-dir``): gated positions (every real token but the
     first of each passage), fires, rate, and the worst offenders (fact, token, score).
-    Fires on a passage that mentions the fired fact's subject, or a word of it (a text
-    about "Mr. Henderson" for the fact about "Erin Henderson"), are counted apart: that
-    text is not unrelated to the fact;
+    Fires on a passage that mentions the fired fact's subject, or at a word of the subject
+    (a text about "Mr. Henderson" firing the fact about "Erin Henderson" at "Henderson"),
+    are counted apart: that text is not unrelated to the fact;
   * paraphrase recall, when the facts have paraphrases: a paraphrase counts as
     recalled when ANY of its positions fires its own fact (``recall_any``) and, more
     strictly, when the subject's last token does (``recall_subject``). A fact about
@@ -175,6 +175,31 @@ def load_text_spec(spec: str, data_dir: Path, evaluated: tuple[str | None, str |
     return texts[lo:hi]
 
 
+_TRAILING_WORD = re.compile(r"[\w'’.-]*$")
+_FUNCTION_WORDS = frozenset("a an the of and or in on at to for by with from de del della di da du des la le les el "
+                            "los las von van der den ter y et".split())
+
+
+def fired_on_subject_word(tok: Any, ids: torch.Tensor | Sequence[int], subject: str) -> bool:
+    """Whether the token that fired ends (or begins, 4+ letters) a word of ``subject``.
+
+    ``ids`` are the text's tokens up to and including the fired one. A text about "Mr.
+    Henderson" that fires the key of "Erin Henderson" at "Henderson" is not unrelated to
+    that fact; a fire at "Steinberg" on the key of "Brad Silverberg" is a false fire, and
+    so is a fire anywhere else in a text that happens to contain "Brad" or "of".
+    """
+    text = tok.decode([int(i) for i in ids], skip_special_tokens=True)
+    m = _TRAILING_WORD.search(text)
+    word = (m.group(0) if m else "").lower().strip(".-'’")
+    for suffix in ("'s", "’s"):
+        word = word.removesuffix(suffix)
+    if not word:
+        return False
+    words = [w.strip(".,;:!?()\"'’").lower() for w in subject.split()]
+    words = [w for w in words if w and w not in _FUNCTION_WORDS]  # "of" in "University of X" names no one
+    return any(word == w or (len(word) >= 4 and w.startswith(word)) for w in words)
+
+
 class Gate:
     """One gate configuration measured on the same activations: a gamma, with or without thresholds."""
 
@@ -195,7 +220,6 @@ class Gate:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import neuraldb
 
-    from .strategies import _mentions
 
     torch.set_grad_enabled(False)
     if args.device.startswith("cuda"):
@@ -268,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 text = passages[rows[b]]
                 if subj_of[fid].lower() in text.lower():
                     g.mentions += 1
-                elif _mentions(text, [subj_of[fid]]):  # a word of the subject ("Henderson" of "Erin Henderson")
+                elif fired_on_subject_word(tok, ids[b, : t + 1], subj_of[fid]):  # "Mr. Henderson" for "Erin Henderson"
                     g.words += 1
                 else:
                     g.fires += 1
@@ -361,7 +385,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"[{g['gate']}]")
         lines.append(f"  FALSE FIRES: {g['false_fires']}  rate {g['rate']:.6f}  ({g['facts_firing']} facts fired)")
         lines.append(f"  not counted as false: {g['fires_on_mentions']} fires on passages that mention the fired "
-                     f"fact's subject, {g['fires_on_subject_words']} on passages that contain a word of it")
+                     f"fact's subject, {g['fires_on_subject_words']} at a word of the subject")
         for w in g["worst"]:
             lines.append(f"    {w['score']:.4f}  {w['fact']:>20}  subject {w['subject']!r:32} token {w['token']!r} "
                          f"(passage {w['passage']}, pos {w['pos']})")

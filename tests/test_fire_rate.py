@@ -66,3 +66,23 @@ def test_default_calibration_text_is_never_the_evaluated_text(tmp_path):
     other_text = load_text_spec("default", d, ("my_text.txt", None))
     assert [t for t in other_text if t.startswith("passage")] == [f"passage {i}" for i in range(6)]
     assert not any(t.startswith("passage") for t in load_text_spec("default", d, (None, None)))  # all evaluated
+
+
+def test_a_fire_at_a_word_of_the_subject_is_related_anywhere_else_false():
+    from properties.fire_rate import fired_on_subject_word
+
+    class Tok:  # decode is all the rule needs
+        vocab = ["<s>", "Mr", ".", " Hend", "erson", "'s", " said", " Stein", "berg", " of", " the", " Brad"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i == 0))
+
+    tok = Tok()
+    assert fired_on_subject_word(tok, [0, 1, 2, 3, 4], "Erin Henderson")  # "Mr. Henderson" at "Henderson"
+    assert fired_on_subject_word(tok, [0, 1, 2, 3, 4, 5], "Erin Henderson")  # possessive
+    assert fired_on_subject_word(tok, [0, 1, 2, 3], "Erin Henderson")  # "Hend": the word so far, 4+ letters
+    assert not fired_on_subject_word(tok, [0, 11, 7, 8], "Brad Silverberg")  # "Brad Steinberg": another name
+    assert not fired_on_subject_word(tok, [0, 1, 2, 3, 4, 6], "Erin Henderson")  # fired at " said"
+    assert not fired_on_subject_word(tok, [0, 9], "Autonomous University of Barcelona")  # " of" names no one
+    assert not fired_on_subject_word(tok, [0, 10], "The Lesson")
+    assert fired_on_subject_word(tok, [0, 11], "Brad Silverberg")
