@@ -33,10 +33,9 @@ the calibrated one (per-key thresholds, ``NeuralDB.calibrate(margin=--margin)``)
 protocol: thresholds are fitted on calibration text (``--calib-text``; default: the general
 tasks' inputs in the data dir - SciQ support passages, MMLU, ARC and CommonsenseQA
 questions, WSC sentences - and the LAMBADA passages that are not evaluated), never on the
-evaluated passages: a calibration text equal to an evaluated one is dropped. The genre of
-the calibration text matters most: with thresholds fitted on SciQ + MMLU alone the gate
-fired on LAMBADA's fiction at about 25 times the rate it did when other LAMBADA passages
-were in the calibration text (README, "False fires and recall at 10,000 facts").
+evaluated passages: a calibration text equal to an evaluated one is dropped. Calibrate on
+text like the text the store will serve: the fires left are on text the calibration had
+nothing like (README, "False fires and recall at 10,000 and 100,000 facts").
 """
 
 from __future__ import annotations
