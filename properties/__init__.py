@@ -13,5 +13,6 @@
 
 ``python -m properties.fire_rate``: the false-fire report (rate on unrelated text for N
 stored facts, worst offenders, paraphrase recall). ``python -m properties.study``: the
-measurement of candidate gate fixes that chose per-key calibration.
+measurement of candidate gate fixes on the same activations (bare weights, centring,
+whitening, per-key calibration, top-2 gap, norm range, previous-token check).
 """
