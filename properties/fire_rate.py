@@ -169,9 +169,28 @@ def load_text_spec(spec: str, data_dir: Path, evaluated: tuple[str | None, str |
                 all_l = all_l[:elo] + all_l[ehi:]
             texts += all_l
         return texts
-    path = None if name == "lambada" else name
-    texts = load_passages(path, data_dir=data_dir)
-    return texts[lo:hi]
+    return unrelated_texts(None if name == "lambada" else name, data_dir)[lo:hi]
+
+
+GLUE_SENTENCES = {"sst2": ("sentence",), "rte": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"),
+                  "cola": ("sentence",)}
+
+
+def unrelated_texts(text: str | None, data_dir: Path) -> list[str]:
+    """``--text``: None (LAMBADA), ``glue`` (the GLUE validation sentences in the data dir:
+    SST-2, RTE, MRPC, CoLA, one text per sentence), or a file (one passage a line / JSONL)."""
+    if text != "glue":
+        return load_passages(text, data_dir=data_dir)
+    out = []
+    for task, fields in GLUE_SENTENCES.items():
+        f = data_dir / "glue" / f"{task}_validation.jsonl"
+        if not f.is_file():
+            raise FileNotFoundError(f"--text glue: {f} is missing (GLUE validation files in the data dir)")
+        for line in open(f, encoding="utf-8"):
+            if line.strip():
+                rec = json.loads(line)
+                out += [rec[k].replace("\n", " ").strip() for k in fields if str(rec.get(k, "")).strip()]
+    return out
 
 
 _TRAILING_WORD = re.compile(r"[\w'’.-]*$")
@@ -253,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir, (args.text, args.passages))]
         lo, hi = _slice(args.passages)
-        evaluated = set(load_passages(args.text, data_dir=data_dir)[lo:hi])
+        evaluated = set(unrelated_texts(args.text, data_dir)[lo:hi])
         kept = list(dict.fromkeys(t for t in texts if t not in evaluated))  # held out by construction, no repeats
         report_dropped = len(set(texts)) - len(kept)
         texts = kept
@@ -275,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ---- unrelated text
     t0 = time.perf_counter()
     lo, hi = _slice(args.passages)
-    passages = load_passages(args.text, data_dir=data_dir)[lo:hi]
+    passages = unrelated_texts(args.text, data_dir)[lo:hi]
     subj_of = {f.id: f.subject for f in facts}
     positions = 0
     for rows, a, valid, ids, _ in gated_queries(model, tok, passages, layer=layer, max_len=args.max_len,
@@ -413,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=2000, help="facts to store (up to 100,000)")
     ap.add_argument("--fill", choices=["generated"], default=None,
                     help="top up with generated facts when the file has fewer than --n")
-    ap.add_argument("--text", default=None, help="unrelated text: one passage a line (.txt) or JSONL with 'text'")
+    ap.add_argument("--text", default=None,
+                    help="unrelated text: a file (one passage a line, or JSONL with 'text'), or 'glue' for the GLUE "
+                         "validation sentences of the data dir (default: LAMBADA)")
     ap.add_argument("--passages", default=None, help="START:END slice of the passages (default: all)")
     ap.add_argument("--data-dir", default=None, help="shared data dir (default $NEURALDB_DATA_DIR or ../shared/data)")
     ap.add_argument("--gamma", type=float, nargs="+", default=[0.65], help="one or more gammas to measure")

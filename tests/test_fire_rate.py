@@ -86,3 +86,21 @@ def test_a_fire_at_a_word_of_the_subject_is_related_anywhere_else_false():
     assert not fired_on_subject_word(tok, [0, 9], "Autonomous University of Barcelona")  # " of" names no one
     assert not fired_on_subject_word(tok, [0, 10], "The Lesson")
     assert fired_on_subject_word(tok, [0, 11], "Brad Silverberg")
+
+
+def test_glue_text_is_one_text_per_sentence_and_a_missing_file_is_named(tmp_path):
+    import pytest
+
+    from properties.fire_rate import unrelated_texts
+
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    rows = {"sst2": [{"sentence": "a fine film ", "label": 1}], "rte": [{"sentence1": "A man sleeps.", "sentence2": "Nobody sleeps."}],
+            "mrpc": [{"sentence1": "Shares rose.", "sentence2": ""}], "cola": [{"sentence": "Him saw she."}]}
+    for task, recs in rows.items():
+        (glue / f"{task}_validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert unrelated_texts("glue", tmp_path) == ["a fine film", "A man sleeps.", "Nobody sleeps.", "Shares rose.",
+                                                 "Him saw she."]
+    (glue / "cola_validation.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="cola_validation.jsonl"):
+        unrelated_texts("glue", tmp_path)
