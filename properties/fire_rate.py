@@ -238,7 +238,6 @@ class Gate:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import neuraldb
 
-
     torch.set_grad_enabled(False)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -267,12 +266,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "bare_weight": args.bare_weight, "facts_source": args.facts,
                               "stored": len(db), "real_facts": len(real & set(db.ids)), **info}
 
+    lo, hi = _slice(args.passages)
+    passages = unrelated_texts(args.text, data_dir)[lo:hi]  # the evaluated text
     gates = [] if args.calibrate == "only" else [Gate(db, g, False) for g in gammas]
     if args.calibrate in ("yes", "only"):
         t0 = time.perf_counter()
         texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir, (args.text, args.passages))]
-        lo, hi = _slice(args.passages)
-        evaluated = set(unrelated_texts(args.text, data_dir)[lo:hi])
+        evaluated = set(passages)
         kept = list(dict.fromkeys(t for t in texts if t not in evaluated))  # held out by construction, no repeats
         report_dropped = len(set(texts)) - len(kept)
         texts = kept
@@ -293,8 +293,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- unrelated text
     t0 = time.perf_counter()
-    lo, hi = _slice(args.passages)
-    passages = unrelated_texts(args.text, data_dir)[lo:hi]
     subj_of = {f.id: f.subject for f in facts}
     positions = 0
     for rows, a, valid, ids, _ in gated_queries(model, tok, passages, layer=layer, max_len=args.max_len,

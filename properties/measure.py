@@ -172,36 +172,44 @@ def _hash(*parts: Any) -> str:
 
 
 @torch.no_grad()
-def _group_means(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: int, templates: Sequence[str],
-                 batch_size: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bare and prefixed means of the MLP input ``offset`` tokens before the subject's last token."""
+def _group_means_at(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: int, templates: Sequence[str],
+                    batch_size: int, offsets: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each of ``offsets``: bare and prefixed means (n, d) of the MLP input that many
+    tokens before the subject's last token, and ``has_bare`` (n,); one forward pass per batch."""
     arch = resolve_arch(model)
     device = model_device(model)
     reqs = key_requests(tok, facts, templates)
     order = sorted(range(len(reqs)), key=lambda r: len(reqs[r].ids))  # little padding per batch
-    d = None
-    sums: torch.Tensor | None = None
+    sums: torch.Tensor | None = None  # (offsets, 2 groups, n, d)
     counts = torch.zeros(2, len(facts))
+    rows = None
     for start in range(0, len(order), batch_size):
         chunk = [reqs[r] for r in order[start: start + batch_size]]
         ids, mask = pad_batch([r.ids for r in chunk], pad_id(tok), device)
         with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-        pos = torch.tensor([max(r.subject_pos - offset, 0) for r in chunk], device=device)
-        vec = t.input[torch.arange(len(chunk), device=device), pos].float().cpu()
-        if sums is None:
-            d = vec.shape[1]
-            sums = torch.zeros(2, len(facts), d)
+        rows = torch.arange(len(chunk), device=device)
         g = torch.tensor([0 if r.bare else 1 for r in chunk])
         f = torch.tensor([r.fact for r in chunk])
-        sums.index_put_((g, f), vec, accumulate=True)
+        for j, offset in enumerate(offsets):
+            pos = torch.tensor([max(r.subject_pos - offset, 0) for r in chunk], device=device)
+            vec = t.input[rows, pos].float().cpu()  # (batch, d)
+            if sums is None:
+                sums = torch.zeros(len(offsets), 2, len(facts), vec.shape[1])
+            sums[j].index_put_((g, f), vec, accumulate=True)
         counts.index_put_((g, f), torch.ones(len(chunk)), accumulate=True)
     assert sums is not None
     if (counts[1] == 0).any():
         bad = [facts[i].id for i in (counts[1] == 0).nonzero().flatten().tolist()[:5]]
         raise FactError(f"fact(s) {bad} have no prefixed context key")
-    means = sums / counts.clamp_min(1).unsqueeze(2)
-    return means[0], means[1], counts[0] > 0
+    means = sums / counts.clamp_min(1).unsqueeze(2)  # (offsets, 2, n, d)
+    return [(m[0], m[1], counts[0] > 0) for m in means]
+
+
+def _group_means(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: int, templates: Sequence[str],
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bare and prefixed means (n, d) of the MLP input at the subject's last token, and ``has_bare``."""
+    return _group_means_at(model, tok, facts, layer, templates, batch_size, (0,))[0]
 
 
 def keyable(tok: Any, facts: Sequence[Fact], templates: Sequence[str]) -> tuple[list[Fact], list[tuple[str, str]]]:

@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def queries(model, tok, texts: Sequence[str], *, layer: int, subjects: Sequence[str | None] | None = None,
-            max_len: int = 128, batch_size: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
+            max_len: int = 128, batch_size: int = 64, device: str = "cpu", prev: bool = True) -> dict[str, torch.Tensor]:
     """Activations at every gated position (not position 0, not padding) of each text.
 
-    Returns acts (P, d) float32, prev (P, d) (the position before), ids (P,), pos (P,), row (P,), and with ``subjects`` a bool
+    Returns acts (P, d) float32, with ``prev`` also prev (P, d) (the position before each),
+    ids (P,), pos (P,), row (P,), and with ``subjects`` a bool
     ``subj`` (P,) marking the subject's last token.
     """
     arch = resolve_arch(model)
@@ -74,13 +75,16 @@ def queries(model, tok, texts: Sequence[str], *, layer: int, subjects: Sequence[
             if n < 2:
                 continue
             acts.append(t.input[j, 1:n].float())
-            prev_.append(t.input[j, 0 : n - 1].float())  # the position before each gated one
+            if prev:
+                prev_.append(t.input[j, 0 : n - 1].float())  # the position before each gated one
             ids_.append(ids[j, 1:n])
             pos = torch.arange(1, n, device=device)
             pos_.append(pos), row_.append(torch.full((n - 1,), r, device=device))
             subj_.append(pos == spos[r])
-    out = {"acts": torch.cat(acts), "prev": torch.cat(prev_), "ids": torch.cat(ids_).cpu(), "pos": torch.cat(pos_).cpu(),
+    out = {"acts": torch.cat(acts), "ids": torch.cat(ids_).cpu(), "pos": torch.cat(pos_).cpu(),
            "row": torch.cat(row_).cpu(), "subj": torch.cat(subj_).cpu()}
+    if prev:
+        out["prev"] = torch.cat(prev_)
     return out
 
 
@@ -280,13 +284,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         calib = [t for t in sciq if t.strip()] + mmlu[::5]
     calib = calib[: a.calib] if a.calib else calib
     t0 = time.time()
-    cal = queries(model, tok, calib, layer=a.layer, device=a.device)
+    cal = queries(model, tok, calib, layer=a.layer, device=a.device, prev=bool(a.prev))
     half = cal["row"] % 2 == 0
     h = half.to(cal["acts"].device)
     cal_fit = cal["acts"][h]
-    cal_check = {"acts": cal["acts"][~h], "prev": cal["prev"][~h], "pos": cal["pos"][~half]}
+    cal_check = {"acts": cal["acts"][~h], "pos": cal["pos"][~half]}
+    if "prev" in cal:
+        cal_check["prev"] = cal["prev"][~h]
     cal_check["norm"] = cal_check["acts"].norm(dim=1)
-    evalq = queries(model, tok, load_passages(data_dir=data, limit=a.eval_passages), layer=a.layer, device=a.device)
+    evalq = queries(model, tok, load_passages(data_dir=data, limit=a.eval_passages), layer=a.layer, device=a.device,
+                    prev=bool(a.prev))
     report["timings"]["text_activations_s"] = round(time.time() - t0, 1)
     center = cal_fit.mean(0)
     xc = cal_fit - center
@@ -308,14 +315,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             for p in f.paraphrases:
                 texts.append(p), subj.append(f.subject), owner.append(i)
         if texts:
-            q = queries(model, tok, texts, layer=a.layer, subjects=subj, device=a.device)
+            q = queries(model, tok, texts, layer=a.layer, subjects=subj, device=a.device, prev=bool(a.prev))
             q["owner"] = torch.tensor(owner, device=q["acts"].device)[q["row"].to(q["acts"].device)]
             q["n_rows"] = len(texts)
             q["row"] = q["row"].to(q["acts"].device)
             q["norm"] = q["acts"].norm(dim=1)
             sets["para"] = q
         q = queries(model, tok, [f.text for f in facts], layer=a.layer, subjects=[f.subject for f in facts],
-                    device=a.device)
+                    device=a.device, prev=bool(a.prev))
         q["owner"] = q["row"].to(q["acts"].device)
         q["n_rows"] = len(facts)
         q["norm"] = q["acts"].norm(dim=1)
@@ -325,25 +332,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             for p in f.neighborhood[:2]:
                 texts.append(p), owner.append(i)
         if texts:
-            q = queries(model, tok, texts, layer=a.layer, device=a.device)
+            q = queries(model, tok, texts, layer=a.layer, device=a.device, prev=bool(a.prev))
             q["owner"] = torch.tensor(owner, device=q["acts"].device)[q["row"].to(q["acts"].device)]
             q["norm"] = q["acts"].norm(dim=1)
             sets["neigh"] = q
         return sets
 
     def run(label: str, facts: list[Fact], sizes: Sequence[int], variants: Sequence[str]):
-        from .measure import _group_means
+        from .measure import _group_means_at
 
         t0 = time.time()
         facts, skipped = (facts, []) if label == "gen" else keyable(tok, facts, templates)
-        parts = [_group_means(model, tok, facts[s: s + 4096], a.layer, templates, 512) for s in range(0, len(facts), 4096)]
-        g = GroupKeys([f.id for f in facts], torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                      torch.cat([p[2] for p in parts]))
-        prev = None
-        if a.prev:  # the position before the subject's last token, averaged the same way
-            pp = [_group_means(model, tok, facts[s: s + 4096], a.layer, templates, 512, offset=1)
-                  for s in range(0, len(facts), 4096)]
-            prev = GroupKeys(g.ids, torch.cat([p[0] for p in pp]), torch.cat([p[1] for p in pp]), g.has_bare)
+        # the subject's last token and, for the previous-token rules, the position before it (same passes)
+        offsets = (0, 1) if a.prev else (0,)
+        parts = [_group_means_at(model, tok, facts[s: s + 4096], a.layer, templates, 512, offsets)
+                 for s in range(0, len(facts), 4096)]
+        g, prev = [GroupKeys([f.id for f in facts], torch.cat([p[j][0] for p in parts]),
+                             torch.cat([p[j][1] for p in parts]), torch.cat([p[j][2] for p in parts]))
+                   for j in range(len(offsets))] + [None] * (2 - len(offsets))
         multi = torch.tensor([len(tok(" " + f.subject.strip(), add_special_tokens=False)["input_ids"]) > 1
                               for f in facts])
         report["timings"][f"{label}_keys_s"] = round(time.time() - t0, 1)

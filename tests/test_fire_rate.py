@@ -104,3 +104,25 @@ def test_glue_text_is_one_text_per_sentence_and_a_missing_file_is_named(tmp_path
     (glue / "cola_validation.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="cola_validation.jsonl"):
         unrelated_texts("glue", tmp_path)
+
+
+def test_report_keys_are_the_edit_keys_and_one_pass_serves_two_offsets(tiny_llama, tmp_path):
+    """The report stores the keys ``neuraldb.edit`` would compute; reading the position
+    before the subject in the same forward passes changes nothing of the keys."""
+    import torch
+
+    import neuraldb
+    from neuraldb import Fact
+    from properties.measure import _group_means, _group_means_at, group_keys
+
+    model, tok = tiny_llama
+    facts = [Fact(prompt="{} plays the", subject=s, target_new="piano", id=f"f{i}")
+             for i, s in enumerate(["alpha beta", "gamma", "delta epsilon zeta"])]
+    templates = ["{}", "the cat . {}", "a dog saw . {}"]
+    keys = group_keys(model, tok, facts, layer=1, templates=templates, cache_dir=tmp_path, progress=False).combine(0.5)
+    torch.testing.assert_close(keys, neuraldb.compute_keys(model, tok, facts, layer=1, templates=templates).cpu(),
+                               rtol=1e-5, atol=1e-6)
+    at0, at1 = _group_means_at(model, tok, facts, 1, templates, 2, (0, 1))
+    for a, b in zip(at0, _group_means(model, tok, facts, 1, templates, 2)):
+        assert torch.equal(a, b)
+    assert not torch.equal(at0[1], at1[1])  # the previous position is another activation
