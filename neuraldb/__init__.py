@@ -31,6 +31,7 @@ _LAZY = {
     "compute_keys": ".keys",
     "context_templates": ".keys",
     "compute_residuals": ".residuals",
+    "subject_words": ".words",
     "load_model": ".models",
     "evaluate": "evals.evaluate",
     "gate": "evals.gate",

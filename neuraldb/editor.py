@@ -33,6 +33,7 @@ from .facts import Fact, validate_facts
 from .keys import compute_keys, context_templates
 from .residuals import compute_residuals, optimisation_model
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
+from .words import subject_words, word_start_tokens
 
 __all__ = ["edit"]
 
@@ -169,7 +170,10 @@ def edit(
                 rec = f.to_dict()
                 rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
                 records.append(rec)
-            db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records)
+            words = subject_words(tokenizer, [f.subject for f in batch]) if config.word_check else None
+            if words is not None and db.word_starts.numel() == 0:
+                db.word_starts = word_start_tokens(tokenizer)
+            db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
             if config.share_subject_residuals:
                 for f in batch:
                     stored.setdefault(f.subject, []).append(f)

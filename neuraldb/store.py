@@ -13,8 +13,10 @@ At every token position (except the attention-sink position, the first real
 token of each sequence, and padding) the input ``k`` of the MLP output
 projection is compared with every stored key; the residual of the most similar
 key ``j`` is added to the projection's output when ``cos(k, k_j) > max(gamma,
-thresholds[j])``. Where the gate stays shut the output tensor is the original
-one, bit for bit.
+thresholds[j])`` and, for a fact stored with its subject's last word (what
+``neuraldb.edit`` does, ``EditConfig.word_check``), the tokens ending at that
+position spell that word (:mod:`neuraldb.words`). Where the gate stays shut the
+output tensor is the original one, bit for bit.
 
 Per-key thresholds (``thresholds``, -inf = the global ``gamma`` alone) raise the
 gate of keys that resemble generic text: :meth:`NeuralDB.calibrate` sets
@@ -43,6 +45,7 @@ from torch import nn
 from .arch import ModelArch, resolve_arch
 from .nethook import Trace, get_module
 from .retrieval import LowRankScreen, top1, unit_rows
+from .words import NO_WORD, WORD_WIDTH, token_windows, word_match
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "FORMAT_VERSION"]
 
@@ -119,6 +122,9 @@ class NeuralDB:
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
         self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
+        self.words = torch.full((0, 2, WORD_WIDTH), NO_WORD, dtype=torch.long)  # (N, 2, width); NO_WORD = no check
+        self._word_starts = torch.zeros(0, dtype=torch.bool)  # (vocab,) words.word_start_tokens of the tokenizer
+        self._history: torch.Tensor | None = None  # (batch, width - 1) last tokens of the previous call
         self.ids: list[str] = []
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
@@ -174,14 +180,18 @@ class NeuralDB:
         *,
         facts: Sequence[Mapping[str, Any]] | None = None,
         thresholds: torch.Tensor | Sequence[float] | None = None,
+        words: torch.Tensor | None = None,
     ) -> None:
         """Append facts. An id already in the store is an error (use :meth:`update`).
 
         ``thresholds`` (n,) are per-key gate thresholds (see :meth:`calibrate`); None = -inf.
+        ``words`` (n, 2, width) are the subjects' last words
+        (:func:`neuraldb.words.subject_words`); None = no word check for these facts.
         """
         ids = [str(i) for i in ids]
         keys, residuals = self._check_rows(keys, residuals, len(ids))
         thresholds = self._check_thresholds(thresholds, len(ids))
+        words = self._check_words(words, len(ids))
         dup = [i for i in ids if i in self._index]
         if dup or len(set(ids)) != len(ids):
             raise StoreError(f"fact id(s) already present or repeated: {dup[:5] or ids}; use update() to replace")
@@ -191,6 +201,7 @@ class NeuralDB:
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals])
         self.thresholds = torch.cat([self.thresholds, thresholds])
+        self.words = torch.cat([self.words, words])
         for j, fid in enumerate(ids):
             self._index[fid] = start + j
             self.ids.append(fid)
@@ -213,8 +224,9 @@ class NeuralDB:
                        model_name=self.model_name, model_type=self.model_type, fingerprint=self.fingerprint,
                        config=self.config, chunk_size=self.chunk_size, screen_rank=self.screen_rank,
                        screen_min_keys=self.screen_min_keys)
-        sub.add(self.ids[:n], self.keys[:n], self.residuals[:n], thresholds=self.thresholds[:n])
+        sub.add(self.ids[:n], self.keys[:n], self.residuals[:n], thresholds=self.thresholds[:n], words=self.words[:n])
         sub.facts = {i: dict(self.facts[i]) for i in sub.ids if i in self.facts}
+        sub.word_starts = self.word_starts
         return sub
 
     def remove(self, ids: str | Sequence[str]) -> None:
@@ -228,6 +240,7 @@ class NeuralDB:
         self.keys = self.keys[keep]
         self.residuals = self.residuals[keep]
         self.thresholds = self.thresholds[keep]
+        self.words = self.words[keep]
         self.ids = [self.ids[r] for r in keep.tolist()]
         for i in ids:
             self.facts.pop(i, None)
@@ -242,8 +255,9 @@ class NeuralDB:
         residual: torch.Tensor | None = None,
         fact: Mapping[str, Any] | None = None,
         threshold: float | None = None,
+        words: torch.Tensor | None = None,
     ) -> None:
-        """Replace one fact's key, residual and/or per-key threshold in place.
+        """Replace one fact's key, residual, per-key threshold and/or word (2, width) in place.
 
         A new key without a new ``threshold`` resets the fact's threshold to -inf (the
         global gamma): a threshold calibrated for the old key says nothing about the new one.
@@ -254,12 +268,15 @@ class NeuralDB:
         k = self.keys[r : r + 1] if key is None else torch.as_tensor(key).reshape(1, -1)
         v = self.residuals[r : r + 1] if residual is None else torch.as_tensor(residual).reshape(1, -1)
         k, v = self._check_rows(k, v, 1)
+        w = None if words is None else self._check_words(torch.as_tensor(words).reshape(1, 2, -1), 1)
         if threshold is not None:
             self.thresholds[r] = self._check_thresholds([threshold], 1)[0]
         elif key is not None:
             self.thresholds[r] = float("-inf")
         self.keys[r] = k[0]
         self.residuals[r] = v[0]
+        if w is not None:
+            self.words[r] = w[0]
         if fact is not None:
             self.facts[fact_id] = dict(fact)
         self._changed()
@@ -273,6 +290,39 @@ class NeuralDB:
         if torch.isnan(t).any() or (t == float("inf")).any():
             raise StoreError("thresholds must be numbers or -inf (found NaN or +inf)")
         return t.clone()
+
+    def _check_words(self, words: Any, n: int) -> torch.Tensor:
+        width = self.words.shape[2]
+        if words is None:
+            return torch.full((n, 2, width), NO_WORD, dtype=torch.long)
+        w = torch.as_tensor(words).detach().to("cpu")
+        if w.dtype.is_floating_point or w.shape != (n, 2, width):
+            raise StoreError(
+                f"words must be integer token ids of shape ({n}, 2, {width}), got {w.dtype} {tuple(w.shape)}: "
+                "build them with neuraldb.words.subject_words(tokenizer, subjects)"
+            )
+        return w.long().clone()
+
+    @property
+    def word_starts(self) -> torch.Tensor:
+        """(vocab,) bool: the tokens after which a word starts (:func:`neuraldb.words.word_start_tokens`)."""
+        return self._word_starts
+
+    @word_starts.setter
+    def word_starts(self, value: torch.Tensor) -> None:
+        self._word_starts = torch.as_tensor(value).detach().to("cpu", torch.bool).reshape(-1)
+        self._changed(keep_stats=True)
+
+    @property
+    def word_checked(self) -> torch.Tensor:
+        """(N,) bool: the facts whose gate also checks their subject's last word."""
+        return (self.words[:, 0] != NO_WORD).any(dim=1)
+
+    def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(M,) bool: the word check for retrieved rows ``index`` (M,) at token ``windows``
+        (M, width) (:func:`neuraldb.words.token_windows`); True for facts without a word."""
+        self._device_tensors(windows.device)
+        return word_match(self._dev["words"][index.clamp_min(0)], windows, self._dev["starts"])
 
     @torch.no_grad()
     def calibrate(
@@ -337,6 +387,9 @@ class NeuralDB:
                 "keys": unit_rows(self.keys.to(device)),  # (N, d_key)
                 "residuals": self.residuals.to(device),
                 "gate": self.gate_thresholds().to(device),  # (N,) max(gamma, thresholds)
+                "words": self.words.to(device),  # (N, 2, width)
+                "starts": self.word_starts.to(device),  # (vocab,)
+                "checks": torch.tensor(bool(self.word_checked.any())),  # host flag, read once per change
             }
         return self._dev["keys"], self._dev["residuals"]
 
@@ -346,7 +399,8 @@ class NeuralDB:
 
         ``index``/``scores`` are :meth:`retrieve`'s exact top-1; ``fire`` (M,) bool is
         ``scores > max(gamma, thresholds[index])``. Positions are not masked here (the
-        hook also skips the sink position and padding).
+        hook also skips the sink position and padding), and the word check, which needs
+        the tokens, is the hook's (or :meth:`word_ok`'s).
         """
         scores, index = self.retrieve(queries)
         if len(self) == 0:
@@ -432,6 +486,9 @@ class NeuralDB:
             gated, at = self._screened_gate(queries)  # (m,)
         else:
             gated, at, _ = self.gate(queries)  # (m,)
+        if bool(self._dev["checks"]):  # (batch, seq, width) token ids ending at each position
+            windows = self._windows(batch, seq, x.device)
+            gated = gated & self.word_ok(at, windows.reshape(batch * seq, -1)[rows])
         fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
         index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
         # counters stay on the device: no host sync in the hot path
@@ -441,6 +498,31 @@ class NeuralDB:
         self.last_fire_mask = fire.reshape(batch, seq)
         self.last_fire_index = torch.where(fire, index, torch.full_like(index, -1)).reshape(batch, seq)
         self._pending = (fire, index)
+
+    def _windows(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """The token windows of this call (:func:`token_windows`), with the tokens the previous
+        call ended on when this one continues it (a generation step); keeps this call's last tokens."""
+        kwargs = self._traces[0].call_kwargs if self._traces else {}
+        args = self._traces[0].call_args if self._traces else ()
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        width = self.words.shape[2]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < seq:
+            if not getattr(self, "_warned_ids", False) and bool(self.word_checked.any()):
+                log.warning("the store's word check needs input_ids (got none, e.g. inputs_embeds): "
+                            "facts stored with a word do not fire on this input")
+                self._warned_ids = True
+            ids = torch.full((batch, seq), -2, dtype=torch.long, device=device)
+        ids = ids[:, ids.shape[1] - seq :].to(device)
+        mask = kwargs.get("attention_mask")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > seq) or (
+            cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0)
+        windows = token_windows(ids, self._history if past else None, width=width)
+        if seq:
+            self._history = windows[:, -1, 1:]  # (batch, width - 1) the tokens this call ends on
+        return windows
 
     def _apply(self, out: torch.Tensor) -> torch.Tensor:
         """Add the routed residuals to ``out`` (batch, seq, d_model); untouched where shut."""
@@ -593,6 +675,9 @@ class NeuralDB:
         tensors = {"keys": self.keys.contiguous(), "residuals": self.residuals.contiguous()}
         if torch.isfinite(self.thresholds).any():  # only then: files without them stay readable by older code
             tensors["thresholds"] = self.thresholds.contiguous()
+        if bool(self.word_checked.any()):  # likewise
+            tensors["words"] = self.words.contiguous()
+            tensors["word_starts"] = self.word_starts.to(torch.uint8).contiguous()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -633,7 +718,8 @@ class NeuralDB:
             )
         required = ("layer", "gamma", "d_key", "d_model", "ids")
         missing = [k for k in required if k not in meta]
-        if missing or not {"keys", "residuals"} <= set(tensors) <= {"keys", "residuals", "thresholds"}:
+        if missing or not {"keys", "residuals"} <= set(tensors) <= {"keys", "residuals", "thresholds", "words",
+                                                                                  "word_starts"}:
             raise StoreError(f"{path}: missing metadata field(s) {missing} or tensors {sorted(tensors)}")
         db = cls(
             layer=meta["layer"],
@@ -657,8 +743,14 @@ class NeuralDB:
         thresholds = tensors.get("thresholds")
         if thresholds is not None and thresholds.shape != (n,):
             raise StoreError(f"{path}: {n} fact ids but thresholds of shape {tuple(thresholds.shape)}")
+        words = tensors.get("words")
+        if words is not None and (words.dim() != 3 or words.shape[:2] != (n, 2)):
+            raise StoreError(f"{path}: {n} fact ids but words of shape {tuple(words.shape)}; the file is inconsistent")
+        if words is not None:
+            db.words = torch.full((0, 2, words.shape[2]), NO_WORD, dtype=torch.long)
+            db.word_starts = tensors.get("word_starts", torch.zeros(0)).bool()
         db.add(meta["ids"], tensors["keys"], tensors["residuals"], facts=[f or {} for f in facts],
-               thresholds=thresholds)
+               thresholds=thresholds, words=words)
         db.facts = {i: f for i, f in zip(db.ids, facts) if f}
         if model is not None:
             db.check_compatible(model, layer=layer)

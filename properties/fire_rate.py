@@ -28,8 +28,10 @@ What it prints:
     cannot tell them apart; ``recall_subject_own_id`` asks for the fact's own entry;
   * edit-prompt recall (the fact's own prompt, any position).
 
-Two gates are measured on the same activations: the paper's (global ``--gamma`` only) and
-the calibrated one (per-key thresholds, ``NeuralDB.calibrate(margin=--margin)``). Held-out
+Gates measured on the same activations: the paper's (global ``--gamma`` only), the calibrated
+one (per-key thresholds, ``NeuralDB.calibrate(margin=--margin)``), and each of them with the
+word check (``EditConfig.word_check``, ``--word-check``: the tokens at the fired position must
+spell the last word of the fact's subject; ``neuraldb.edit`` stores it by default). Held-out
 protocol: thresholds are fitted on calibration text (``--calib-text``; default: the general
 tasks' inputs in the data dir - SciQ support passages, MMLU, ARC and CommonsenseQA
 questions, WSC sentences - and the LAMBADA passages that are not evaluated), never on the
@@ -53,6 +55,7 @@ import torch
 
 from neuraldb import Fact, NeuralDB, Trace, resolve_arch
 from neuraldb.keys import pad_batch, pad_id
+from neuraldb.words import NO_WORD, subject_words, token_windows, word_match, word_start_tokens
 
 from .measure import (default_data_dir, generated_facts, group_keys, keyable, load_facts, load_passages,
                       subject_last_positions)
@@ -134,7 +137,9 @@ def build_store(model, tok, facts: list[Fact], *, layer: int, gamma: float, bare
     d_model = model.get_input_embeddings().weight.shape[1]
     db = NeuralDB(layer=layer, d_key=keys.shape[1], d_model=d_model, gamma=gamma, module_template=arch.mlp_out,
                   residual_template=arch.residual_out, config=cfg.to_dict() | {"context_templates": templates})
-    db.add([f.id for f in kept], keys, torch.zeros(len(kept), d_model))
+    db.add([f.id for f in kept], keys, torch.zeros(len(kept), d_model),
+           words=subject_words(tok, [f.subject for f in kept]))  # as neuraldb.edit stores them
+    db.word_starts = word_start_tokens(tok)
     info = {"facts": len(kept), "skipped": len(skipped), "keys_s": round(time.perf_counter() - t0, 1),
             "templates": templates}
     return db, kept, info
@@ -221,18 +226,32 @@ def fired_on_subject_word(tok: Any, ids: torch.Tensor | Sequence[int], subject: 
 class Gate:
     """One gate configuration measured on the same activations: a gamma, with or without thresholds."""
 
-    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool, shift: float = 0.0, margin: float | None = None):
+    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool, shift: float = 0.0, margin: float | None = None,
+                 word_check: bool = False):
         self.db = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=1, gamma=gamma)
         self.db.keys, self.db.ids, self.db._index = db.keys, db.ids, db._index
         self.db.residuals = torch.zeros(len(db), 1)
         self.db.thresholds = db.thresholds + shift if calibrated else torch.full((len(db),), float("-inf"))
+        self.db.words = db.words if word_check else torch.full_like(db.words, NO_WORD)
+        self.db.word_starts = db.word_starts
         self.name = f"gamma={gamma}" + (f" +per-key thresholds (margin {margin})" if calibrated else " (global gamma only)")
+        self.name += " +word check" if word_check else ""
         self.margin = margin
-        self.gamma, self.calibrated = gamma, calibrated
+        self.gamma, self.calibrated, self.word_check = gamma, calibrated, word_check
         self.fires = self.mentions = self.words = 0
         self.worst: list[tuple[float, str, str, int, int]] = []
         self.per_fact: dict[str, int] = {}
         self.recall: dict[str, dict[str, Any]] = {}
+        self._thr: torch.Tensor | None = None
+        self._words: torch.Tensor | None = None
+
+    def fire(self, scores: torch.Tensor, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(M,) this gate's decision for the shared top-1 ``(scores, index)`` (M,) at token ``windows`` (M, width)."""
+        if self._thr is None or self._thr.device != scores.device:  # no normalised key copy per gate
+            self._thr, self._words = self.db.gate_thresholds().to(scores.device), self.db.words.to(scores.device)
+            self._starts = self.db.word_starts.to(scores.device)
+        fire = scores > self._thr[index]
+        return fire & word_match(self._words[index], windows, self._starts) if self.word_check else fire
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     lo, hi = _slice(args.passages)
     passages = unrelated_texts(args.text, data_dir)[lo:hi]  # the evaluated text
-    gates = [] if args.calibrate == "only" else [Gate(db, g, False) for g in gammas]
+    checks = {"no": [False], "yes": [False, True], "only": [True]}[args.word_check]
+    gates = [] if args.calibrate == "only" else [Gate(db, g, False, word_check=w) for w in checks for g in gammas]
     if args.calibrate in ("yes", "only"):
         t0 = time.perf_counter()
         texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir, (args.text, args.passages))]
@@ -289,7 +309,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "raised": {f"{g}/{m}": int((db.thresholds - first + m > g).sum())
                                             for g in gammas for m in args.margin}}
         del q, acts
-        gates += [Gate(db, g, True, shift=m - first, margin=m) for m in args.margin for g in gammas]
+        gates += [Gate(db, g, True, shift=m - first, margin=m, word_check=w)
+                  for w in checks for m in args.margin for g in gammas]
 
     # ---- unrelated text
     t0 = time.perf_counter()
@@ -299,10 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                 batch_size=args.batch_size, progress=not args.quiet, desc="text"):
         positions += int(valid.sum())
         flat = a.reshape(-1, a.shape[-1])
+        top_s, top_i = db.retrieve(flat)  # one exact top-1 for every gate: they differ in thresholds only
+        windows = token_windows(ids).reshape(-1, db.words.shape[2])
+        index, scores = top_i.reshape(valid.shape).cpu(), top_s.reshape(valid.shape).cpu()
         for g in gates:
-            fire, index, scores = g.db.gate(flat)
-            fire = (fire.reshape(valid.shape) & valid).cpu()
-            index, scores = index.reshape(valid.shape).cpu(), scores.reshape(valid.shape).cpu()
+            fire = (g.fire(top_s, top_i, windows).reshape(valid.shape) & valid).cpu()
             for b, t in fire.nonzero().tolist():
                 fid = db.ids[int(index[b, t])]
                 text = passages[rows[b]]
@@ -336,7 +358,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "strict": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
                         "miss_below": 0, "miss_other": 0} for g in gates}
         has_subj = torch.zeros(len(items), dtype=torch.bool)
-        for rows, a, valid, _, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
+        for rows, a, valid, qids, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
                                                      batch_size=args.batch_size, subjects=[f.subject for f, _ in items],
                                                      progress=not args.quiet, desc=name):
             r = torch.tensor(rows)
@@ -344,10 +366,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ok = sp >= 0
             has_subj[r] = ok
             flat = a.reshape(-1, a.shape[-1])
+            top_s, top_i = db.retrieve(flat)
+            windows = token_windows(qids).reshape(-1, db.words.shape[2])
+            index = top_i.reshape(valid.shape).cpu()
             for g in gates:
-                fire, index, _ = g.db.gate(flat)
-                fire = (fire.reshape(valid.shape) & valid).cpu()
-                index = index.reshape(valid.shape).cpu()
+                fire = (g.fire(top_s, top_i, windows).reshape(valid.shape) & valid).cpu()
                 shares = same[index.clamp_min(0)] == same[owner[r]].unsqueeze(1)  # (b, t) same residual
                 own = fire & shares
                 at = sp.clamp_min(0).unsqueeze(1)
@@ -440,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bare-weight", type=float, default=0.5)
     ap.add_argument("--calibrate", choices=["no", "yes", "only"], default="yes",
                     help="per-key thresholds from calibration text: no / yes (measure both gates) / only")
+    ap.add_argument("--word-check", choices=["no", "yes", "only"], default="yes",
+                    help="the subject's-last-word check (EditConfig.word_check): no / yes (measure gates with and "
+                         "without it) / only")
     ap.add_argument("--calib-text", nargs="+", default=["default"],
                     help="calibration text specs: default (the general tasks' inputs in the data dir - SciQ, "
                          "MMLU, ARC, CommonsenseQA, WSC - and the LAMBADA passages not evaluated), "

@@ -313,7 +313,9 @@ FACTS = [
                   paraphrases=("the sport of lebron james",), neighborhood=("the sport of john",), id="e3"),
 ]
 # random tiny models have small hidden states: larger residuals than the default clamp (as in test_edit.py)
-CFG = neuraldb.EditConfig(layer=1, steps=80, clamp_norm_factor=8.0, context_prefixes=("the", "i"), context_length=3)
+# the paper's gate (no word check), so that --gamma 0 fires everywhere: the broken store the gate must catch
+CFG = neuraldb.EditConfig(layer=1, steps=80, clamp_norm_factor=8.0, context_prefixes=("the", "i"), context_length=3,
+                          word_check=False)
 
 
 @pytest.fixture(scope="module")

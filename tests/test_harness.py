@@ -46,7 +46,9 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory):
     model, tok = tiny_model("llama")
-    db = neuraldb.edit(model, tok, FACTS, config=neuraldb.EditConfig(steps=3, context_length=2), progress=False)
+    # the paper's gate (no word check): gamma=-1 below then opens it at every position
+    db = neuraldb.edit(model, tok, FACTS, config=neuraldb.EditConfig(steps=3, context_length=2, word_check=False),
+                       progress=False)
     path = db.save(tmp_path_factory.mktemp("store") / "store.safetensors")
     return model, tok, path
 
