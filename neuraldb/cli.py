@@ -117,7 +117,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args.model)
     facts = _load_facts(args.facts)[: args.n]
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype,
+    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     db = edit(model, tok, facts, config=cfg, checkpoint=args.checkpoint or args.out)
     db.save(args.out)
@@ -143,6 +143,8 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
     ed.add_argument("--residual-dtype", default=None,
                     help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
                     "with bfloat16 units); default: the model's own")
+    ed.add_argument("--no-word-check", action="store_true",
+                    help="the paper's gate: do not store the subjects' last words (EditConfig.word_check=False)")
     ed.set_defaults(func=_cmd_edit)
 
 

@@ -95,6 +95,8 @@ def token_windows(ids: torch.Tensor, history: torch.Tensor | None = None, *, wid
     ``ids`` (a generation step's earlier tokens), else those positions are ``UNKNOWN``.
     """
     batch = ids.shape[0]
+    if ids.shape[1] == 0:
+        return torch.empty(batch, 0, width, dtype=torch.long, device=ids.device)
     if history is None or history.shape[0] != batch:
         history = torch.full((batch, width - 1), UNKNOWN, dtype=torch.long, device=ids.device)
     ctx = torch.cat([history[:, history.shape[1] - (width - 1):].to(ids.device, torch.long), ids.long()], dim=1)

@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for g in gates:
         g.worst.sort(reverse=True)
         report["gates"].append({
-            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated, "margin": g.margin,
+            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated, "margin": g.margin, "word_check": g.word_check,
             "false_fires": g.fires, "rate": g.fires / positions if positions else 0.0,
             "fires_on_mentions": g.mentions, "fires_on_subject_words": g.words, "facts_firing": len(g.per_fact),
             "worst": [{"score": round(sc, 4), "fact": fid, "subject": subj_of[fid], "token": tk, "passage": pr,

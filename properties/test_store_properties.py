@@ -363,3 +363,53 @@ def test_bad_thresholds_are_rejected(bad):
     db = NeuralDB(layer=0, d_key=4, d_model=2)
     with pytest.raises(StoreError):
         db.add(["a"], torch.randn(1, 4), torch.randn(1, 2), thresholds=bad)
+
+
+@st.composite
+def word_cases(draw, *, vocab: int = 12, width: int = 8):
+    """A token sequence, some subjects' last words (token lists, with or without a space
+    form) and a random set of word-start tokens."""
+    seq = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=24))
+    words = draw(st.lists(st.tuples(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=width - 1),
+                                    st.lists(st.integers(0, vocab - 1), min_size=1, max_size=width - 1)),
+                          min_size=1, max_size=6))
+    if draw(st.booleans()):  # plant a word in the sequence, so that matches are not all rare accidents
+        spaced, bare = draw(st.sampled_from(words))
+        at = draw(st.integers(0, len(seq)))
+        seq = seq[:at] + draw(st.sampled_from([spaced, bare])) + seq[at:]
+    starts = draw(st.lists(st.booleans(), min_size=vocab, max_size=vocab))
+    return seq, words, starts
+
+
+@settings(max_examples=examples(200))
+@given(case=word_cases(), split=st.integers(0, 30))
+def test_word_check_is_exact_suffix_matching_across_calls(case, split):
+    """The word check fires at a position iff the tokens ending there are the spaced form, or the
+    bare form at a word start (the text's start or after a word-start token), whether the text comes
+    in one call or in two (the hook's history), for every stored word."""
+    from neuraldb.words import NO_WORD, WORD_START, token_windows, word_match
+
+    seq, words, starts = case
+    width = 8
+    table = torch.full((len(words), 2, width), NO_WORD, dtype=torch.long)
+    for i, (spaced, bare) in enumerate(words):
+        table[i, 0, width - len(spaced):] = torch.tensor(spaced)
+        table[i, 1, width - len(bare):] = torch.tensor(bare)
+        table[i, 1, width - len(bare) - 1] = WORD_START
+    starts_t = torch.tensor(starts)
+
+    def reference(t: int, spaced: list[int], bare: list[int]) -> bool:
+        if t + 1 >= len(spaced) and seq[t + 1 - len(spaced): t + 1] == spaced:
+            return True
+        b = t + 1 - len(bare)
+        return b >= 0 and seq[b: t + 1] == bare and (b == 0 or starts[seq[b - 1]])
+
+    ids = torch.tensor([seq])
+    cut = min(split, len(seq))
+    whole = token_windows(ids, width=width)[0]  # (seq, width)
+    first = token_windows(ids[:, :cut], width=width)[0]
+    second = token_windows(ids[:, cut:], first[-1:, 1:] if cut else None, width=width)[0]
+    assert torch.equal(torch.cat([first, second]), whole)  # history carries the earlier call's tokens
+    for i, (spaced, bare) in enumerate(words):
+        got = word_match(table[i].expand(len(seq), -1, -1), whole, starts_t).tolist()
+        assert got == [reference(t, spaced, bare) for t in range(len(seq))]

@@ -14,9 +14,17 @@ def test_fire_rate_report_counts_positions_recall_and_misses(smollm2, shared_dat
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["stored"] == 24 and report["unrelated"]["positions"] > 300
-    low, high = report["gates"]
-    assert high["false_fires"] <= low["false_fires"]  # raising gamma never adds a fire
-    for g in (low, high):
+    gates = {(g["gamma"], g["word_check"]): g for g in report["gates"]}
+    assert sorted(gates) == [(0.65, False), (0.65, True), (0.9, False), (0.9, True)]
+    for word in (False, True):  # raising gamma never adds a fire
+        assert gates[0.9, word]["false_fires"] <= gates[0.65, word]["false_fires"]
+    for gamma in (0.65, 0.9):  # the word check only removes fires, and keeps the subject's own
+        plain, checked = gates[gamma, False], gates[gamma, True]
+        assert checked["false_fires"] <= plain["false_fires"]
+        assert checked["paraphrase"]["fires_on_other_facts"] <= plain["paraphrase"]["fires_on_other_facts"]
+        assert checked["paraphrase"]["recall_subject"] >= plain["paraphrase"]["recall_subject"] - 0.05
+    low, high = gates[0.65, False], gates[0.9, False]
+    for g in report["gates"]:
         p = g["paraphrase"]
         assert p["prompts"] >= 24 and 0.0 <= p["recall_any"] <= 1.0
         missed = p["subject_located"] - round(p["recall_subject"] * p["subject_located"])
@@ -33,7 +41,7 @@ def test_fire_rate_calibrated_margins_on_the_same_activations(smollm2, shared_da
 
     out = tmp_path / "report.json"
     assert main(["--facts", "counterfact", "--n", "24", "--passages", "0:4", "--calibrate", "only", "--gamma", "0.65",
-                 "--margin", "0.0", "0.1", "--calib-text", "lambada@2:16", "--data-dir", str(shared_data),
+                 "--margin", "0.0", "0.1", "--calib-text", "lambada@2:16", "--word-check", "no", "--data-dir", str(shared_data),
                  "--cache-dir", str(tmp_path / "keys"), "--quiet", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["calibration"]["margins"] == [0.0, 0.1] and report["calibration"]["positions"] > 100
