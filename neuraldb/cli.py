@@ -144,7 +144,7 @@ def _add_builtin(sub: argparse._SubParsersAction) -> None:
                     help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
                     "with bfloat16 units); default: the model's own")
     ed.add_argument("--no-word-check", action="store_true",
-                    help="the paper's gate: do not store the subjects' last words (EditConfig.word_check=False)")
+                    help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
     ed.set_defaults(func=_cmd_edit)
 
 

@@ -43,11 +43,12 @@ class EditConfig:
         nearly the same (read at the subject's last token, before the relation), so
         the gate cannot tell them apart, and a shared residual serves whichever is
         retrieved (as MEMIT-Merge does for MEMIT's values). False = one residual per fact.
-    word_check: store each subject's last word with its key; the gate then fires only
-        where the tokens spell that word (neuraldb.words), so a different name ending in
-        the same word piece ("Steinberg" for "Brad Silverberg") cannot fire it. False =
-        the paper's gate (cosine only), which fires on thousands of unrelated positions
-        at 10,000 facts (README, "False fires and recall").
+    word_check: store each subject's tokens with its key; the gate then fires only
+        where the tokens ending at the position spell that subject (neuraldb.words), so
+        a name ending in the same word piece or surname ("Steinberg", "Aaron Sharp" for
+        "Brad Silverberg", "Richard Sharp") cannot fire it. False = the paper's gate
+        (cosine only), which fires on thousands of unrelated positions at 10,000 facts
+        (README, "False fires and recall").
     bare_weight: weight of the bare prompt's key against the mean of the prefixed
         ones (MEMIT averages within groups, then across; 0.5). 0 = prefixed only.
     kl_prompt: the essence prompt, ``{}`` is the subject.

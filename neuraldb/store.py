@@ -13,9 +13,9 @@ At every token position (except the attention-sink position, the first real
 token of each sequence, and padding) the input ``k`` of the MLP output
 projection is compared with every stored key; the residual of the most similar
 key ``j`` is added to the projection's output when ``cos(k, k_j) > max(gamma,
-thresholds[j])`` and, for a fact stored with its subject's last word (what
+thresholds[j])`` and, for a fact stored with its subject's tokens (what
 ``neuraldb.edit`` does, ``EditConfig.word_check``), the tokens ending at that
-position spell that word (:mod:`neuraldb.words`). Where the gate stays shut the
+position spell that subject (:mod:`neuraldb.words`). Where the gate stays shut the
 output tensor is the original one, bit for bit.
 
 Per-key thresholds (``thresholds``, -inf = the global ``gamma`` alone) raise the
@@ -185,7 +185,7 @@ class NeuralDB:
         """Append facts. An id already in the store is an error (use :meth:`update`).
 
         ``thresholds`` (n,) are per-key gate thresholds (see :meth:`calibrate`); None = -inf.
-        ``words`` (n, 2, width) are the subjects' last words
+        ``words`` (n, 2, width) are the subjects' tokens
         (:func:`neuraldb.words.subject_words`); None = no word check for these facts.
         """
         ids = [str(i) for i in ids]
@@ -315,7 +315,7 @@ class NeuralDB:
 
     @property
     def word_checked(self) -> torch.Tensor:
-        """(N,) bool: the facts whose gate also checks their subject's last word."""
+        """(N,) bool: the facts whose gate also checks their subject's tokens."""
         return (self.words[:, 0] != NO_WORD).any(dim=1)
 
     def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

@@ -1,30 +1,31 @@
-"""The word check: a key fires only where the tokens of its subject's last word are.
+"""The word check: a key fires only where the tokens spell its fact's subject.
 
 Example::
 
     words = subject_words(tok, ["Brad Silverberg", "Kim Sun-a"])   # (2, 2, WORD_WIDTH) token ids
     db.add(ids, keys, residuals, words=words)
     # "House Leader Steinberg" no longer fires Brad Silverberg's key at "berg":
-    # the tokens before it are "Stein", not " Silver"
+    # the tokens before it are " Stein", not " Brad Silver"
 
 A key is the MLP input at the subject's last token. At the layer the method
 edits, that vector is mostly the token itself in a name-like context, so a
 different name that ends in the same word piece ("Steinberg" / "Silverberg",
-"Rose-a" / "Kim Sun-a") can pass the cosine gate (README, "False fires and
-recall"). The word check adds what the cosine cannot see: the gate fires at a
-position only if the tokens ending there spell the last word of the retrieved
-fact's subject, as it tokenises after a space (" Silverberg") or without one at
-the start of a word (at the start of a text, after a line break, a quote or a
-bracket; not inside "BusinessWeek", "Troll-Gods" or "Ann-Marie").
-Paraphrases name the subject, so they pass; the check is exact (a cased,
-unmisspelt last word).
+"Rose-a" / "Kim Sun-a") or the same surname ("Aaron Sharp" / "Richard Sharp")
+can pass the cosine gate (README, "False fires and recall"). The word check adds
+what the cosine cannot see: the gate fires at a position only if the tokens
+ending there spell the retrieved fact's subject, as it tokenises after a space
+(" Brad Silverberg") or without one at the start of a word (at the start of a
+text, after a line break, a quote or a bracket; not inside "BusinessWeek",
+"Troll-Gods" or "Ann-Marie"). Paraphrases name the subject, so they pass; the
+check is exact (the whole subject, cased and unmisspelt: "Silverberg" alone
+does not fire "Brad Silverberg").
 
 Words are stored right-aligned in ``WORD_WIDTH`` columns: ``NO_WORD`` (any
 token) left of the word, and ``WORD_START`` just before the form without a
 space (the token there must end in whitespace or an opening quote or bracket,
 :func:`word_start_tokens`, or be the start of the text). A row whose first form
 is all ``NO_WORD`` matches every position (no check: the paper's gate, e.g.
-keys added without a tokenizer). A word longer than ``WORD_WIDTH - 1`` tokens is
+keys added without a tokenizer). A subject longer than ``WORD_WIDTH - 1`` tokens is
 checked on its last ``WORD_WIDTH - 1`` tokens.
 """
 
@@ -34,22 +35,14 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["WORD_WIDTH", "NO_WORD", "WORD_START", "last_word", "subject_words", "token_windows", "word_match",
+__all__ = ["WORD_WIDTH", "NO_WORD", "WORD_START", "subject_words", "token_windows", "word_match",
            "word_start_tokens"]
 
-WORD_WIDTH = 8
+WORD_WIDTH = 16
 NO_WORD = -1  # padding left of a word; a form that is all NO_WORD matches anything
 UNKNOWN = -2  # a token before the text (or the history the hook kept): never equal to a word token
 WORD_START = -3  # the token here must end a word (whitespace, opening quote or bracket) or be before the text
 _OPENERS = set("\"'“‘«([{</")
-
-
-def last_word(subject: str) -> str:
-    """The subject's last whitespace-separated word (``"Kim Sun-a"`` -> ``"Sun-a"``)."""
-    parts = subject.split()
-    if not parts:
-        raise ValueError(f"subject {subject!r} has no word to check")
-    return parts[-1]
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -57,19 +50,22 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def subject_words(tokenizer: Any, subjects: Sequence[str], *, width: int = WORD_WIDTH) -> torch.Tensor:
-    """(n, 2, width) long: each subject's last word tokenised after a space and without one.
+    """(n, 2, width) long: each subject tokenised after a space and without one.
 
-    Right-aligned, padded with ``NO_WORD``; words longer than ``width`` tokens keep
-    their last ``width`` tokens. A tokenizer that gives both forms the same ids
+    Right-aligned, padded with ``NO_WORD``, ``WORD_START`` before the form without a
+    space; subjects longer than ``width - 1`` tokens keep their last ``width - 1``
+    tokens (and no ``WORD_START``). A tokenizer that gives both forms the same ids
     stores the form twice.
     """
     out = torch.full((len(subjects), 2, width), NO_WORD, dtype=torch.long)
     for i, s in enumerate(subjects):
-        word = last_word(s)
+        word = " ".join(s.split())
+        if not word:
+            raise ValueError(f"subject {s!r} has no word to check")
         for f, text in enumerate((" " + word, word)):
             full = _ids(tokenizer, text)
             if not full:
-                raise ValueError(f"subject {s!r}: its last word {word!r} tokenises to nothing")
+                raise ValueError(f"subject {s!r} tokenises to nothing")
             ids = full[-(width - 1):]
             out[i, f, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             if f == 1 and len(full) == len(ids):  # without its space the word must start there ("BusinessWeek")

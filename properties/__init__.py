@@ -6,13 +6,15 @@
   unrelated prompts (mention no stored subject), synthetic key sets (up to 100,000 x 1536).
 * ``test_store_properties.py``: exact top-1 vs brute force, recall at 100,000 keys,
   add/remove/update independence, insertion order, batched == single, chunked ==
-  unchunked, save/load identity, monotonicity in gamma, bfloat16 storage.
+  unchunked, save/load identity, monotonicity in gamma, bfloat16 storage; the word check
+  (``neuraldb.words``) is exact suffix matching of the subject's tokens, in one call or two.
 * ``test_model_properties.py``: SmolLM2 with CounterFact + generated keys: bit-identical
   logits and zero fires on unrelated text, recall, real edits removed exactly, batching,
   gamma, bfloat16, save/load with the model.
 
 ``python -m properties.fire_rate``: the false-fire report (rate on unrelated text for N
-stored facts, worst offenders, paraphrase recall). ``python -m properties.study``: the
+stored facts, worst offenders, paraphrase recall), for every gate with and without the word
+check. ``python -m properties.study``: the
 measurement of candidate gate fixes on the same activations (bare weights, centring,
 whitening, per-key calibration, top-2 gap, norm range, previous-token check).
 """

@@ -31,13 +31,14 @@ What it prints:
 Gates measured on the same activations: the paper's (global ``--gamma`` only), the calibrated
 one (per-key thresholds, ``NeuralDB.calibrate(margin=--margin)``), and each of them with the
 word check (``EditConfig.word_check``, ``--word-check``: the tokens at the fired position must
-spell the last word of the fact's subject; ``neuraldb.edit`` stores it by default). Held-out
+spell the fact's subject; ``neuraldb.edit`` stores it by default). Held-out
 protocol: thresholds are fitted on calibration text (``--calib-text``; default: the general
 tasks' inputs in the data dir - SciQ support passages, MMLU, ARC and CommonsenseQA
 questions, WSC sentences - and the LAMBADA passages that are not evaluated), never on the
-evaluated passages: a calibration text equal to an evaluated one is dropped. Calibrate on
-text like the text the store will serve: the fires left are on text the calibration had
-nothing like (README, "False fires and recall at 10,000 and 100,000 facts").
+evaluated passages: a calibration text equal to an evaluated one is dropped. Without the word
+check, the fires left after calibration are on text the calibration had nothing like; with
+it, none are left at 10,000 or 100,000 facts (README, "False fires and recall at 10,000 and
+100,000 facts").
 """
 
 from __future__ import annotations

@@ -147,6 +147,38 @@ def test_naive_gate_is_caught_firing_on_unrelated_text(smollm2, naive_pool, pool
     assert n_fixed < n_naive, where_fixed[:5]
 
 
+@pytest.fixture(scope="module")
+def worded_pool(smollm2, naive_pool, cf_facts):
+    """The store ``neuraldb.edit`` makes by default: the paper's gate with the word check, no calibration."""
+    from neuraldb.words import subject_words, word_start_tokens
+
+    model, tok = smollm2
+    db = empty_store(model)
+    db.add(naive_pool.ids, naive_pool.keys, naive_pool.residuals, words=subject_words(tok, [f.subject for f in cf_facts]))
+    db.word_starts = word_start_tokens(tok)
+    return db
+
+
+def test_word_check_alone_leaves_unrelated_text_bit_identical_and_keeps_recall(smollm2, naive_pool, worded_pool,
+                                                                               passages, cf_facts):
+    """Without any calibration, the word check stops every fire of the naive gate on LAMBADA
+    (logits bit-identical), and the facts' own prompts fire their own keys as often as before."""
+    model, tok = smollm2
+    texts = passages[:48]
+    n_naive, _ = fires_on(naive_pool, model, tok, texts)
+    n, where = fires_on(worded_pool, model, tok, texts)
+    assert n_naive > 0 and n == 0, where[:5]
+    plain, mask = logits(model, tok, texts)
+    with worded_pool.attached(model):
+        edited, _ = logits(model, tok, texts)
+    assert torch.equal(plain[mask], edited[mask])
+    prompts = [f.text for f in cf_facts]
+    own = {(f.text, f.id) for f in cf_facts}
+    hits_naive = {(t, i) for t, _, i in fires_on(naive_pool, model, tok, prompts)[1]} & own
+    hits = {(t, i) for t, _, i in fires_on(worded_pool, model, tok, prompts)[1]} & own
+    assert hits == hits_naive and len(hits) >= 0.9 * len(cf_facts)
+
+
 # --------------------------------------------------------------------- recall
 @settings(max_examples=examples("model"))
 @given(facts=fact_sets(min_size=1, max_size=8))

@@ -367,7 +367,7 @@ def test_bad_thresholds_are_rejected(bad):
 
 @st.composite
 def word_cases(draw, *, vocab: int = 12, width: int = 8):
-    """A token sequence, some subjects' last words (token lists, with or without a space
+    """A token sequence, some subjects' tokens (token lists, with or without a space
     form) and a random set of word-start tokens."""
     seq = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=24))
     words = draw(st.lists(st.tuples(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=width - 1),

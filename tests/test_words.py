@@ -1,11 +1,11 @@
-"""The word check (neuraldb.words, EditConfig.word_check): a key fires only at its subject's last word."""
+"""The word check (neuraldb.words, EditConfig.word_check): a key fires only where its subject is."""
 
 import pytest
 import torch
 
 import neuraldb
 from neuraldb import NeuralDB, Trace, resolve_arch
-from neuraldb.words import NO_WORD, WORD_START, subject_words, token_windows, word_match, word_start_tokens
+from neuraldb.words import NO_WORD, WORD_START, WORD_WIDTH, subject_words, token_windows, word_match, word_start_tokens
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def smol_tok(smollm2):
 
 
 def matches(tok, starts, subject, text):
-    """Per position of ``text``: does the window ending there spell ``subject``'s last word?"""
+    """Per position of ``text``: does the window ending there spell ``subject``?"""
     words = subject_words(tok, [subject])  # (1, 2, width)
     ids = torch.tensor([tok(text)["input_ids"]])
     win = token_windows(ids)[0]  # (seq, width)
@@ -36,17 +36,20 @@ def test_smollm2_words_tell_apart_names_that_share_a_word_piece(smol_tok):
     assert m == [False, False, False, False, True, False]  # only at "berg" of " Silverberg"
     assert matches(tok, starts, "Turkey", "Turkey is")[1] is True  # "Tur" "key" at the start
     assert matches(tok, starts, "Turkey", '"Turkey is')[2] is True
-    assert matches(tok, starts, "TV Week", "(Week") == [False, True]
-    assert any(matches(tok, starts, "Danielle Darrieux", "Where Darrieux is from"))  # the last word alone
+    assert matches(tok, starts, "TV Week", "(TV Week")[-1] is True
+    assert any(matches(tok, starts, "Danielle Darrieux", "Where Danielle Darrieux is from"))
+    # the same surname or word of another name, and the last word alone, do not fire
+    assert not any(matches(tok, starts, "Richard Sharp", '"Yeah," Aaron Sharp said'))
+    assert not any(matches(tok, starts, "Ge You", "I don't eat. You know"))
+    assert not any(matches(tok, starts, "Danielle Darrieux", "Where Darrieux is from"))
 
 
 def test_subject_words_layout_and_errors(smol_tok):
-    w = subject_words(smol_tok, ["Brad Silverberg", "Paris"], width=4)
-    assert w.shape == (2, 2, 4) and w.dtype == torch.long
-    spaced, bare = smol_tok(" Silverberg")["input_ids"], smol_tok("Silverberg")["input_ids"]
-    assert len(spaced) == len(bare) == 2
-    assert w[0, 0].tolist() == [NO_WORD, NO_WORD, *spaced]
-    assert w[0, 1].tolist() == [NO_WORD, WORD_START, *bare]  # the spaceless form must start a word
+    w = subject_words(smol_tok, ["Brad  Silverberg", "Paris"], width=6)  # whitespace runs count as one space
+    assert w.shape == (2, 2, 6) and w.dtype == torch.long
+    spaced, bare = smol_tok(" Brad Silverberg")["input_ids"], smol_tok("Brad Silverberg")["input_ids"]
+    assert w[0, 0].tolist() == [NO_WORD] * (6 - len(spaced)) + spaced
+    assert w[0, 1].tolist() == [NO_WORD] * (5 - len(bare)) + [WORD_START] + bare  # must start a word
     word = "Supercalifragilisticexpialidocious-Antidisestablishmentarianism"
     long = subject_words(smol_tok, [word], width=4)
     assert long[0, 0].tolist() == [NO_WORD, *smol_tok(" " + word)["input_ids"][-3:]]  # its last 3 tokens
@@ -72,8 +75,8 @@ def test_hook_fires_only_where_the_word_is(tiny_llama):
     model, tok = tiny_llama
     text = "the city of rome is in italy"
     n = len(tok(text)["input_ids"])
-    # every key gets the word "rome": only position 3 ("rome") may fire, although every key matches its position
-    words = subject_words(tok, ["old rome"] * n)
+    # every key gets the subject "of rome": only position 3 ("rome") may fire, although every key matches its position
+    words = subject_words(tok, ["of rome"] * n)
     db, ids = store_with_position_keys(model, tok, text, words)
     base = model(ids).logits
     with db.attached(model):
@@ -86,8 +89,8 @@ def test_hook_fires_only_where_the_word_is(tiny_llama):
     with plain.attached(model):
         model(ids)
         assert plain.last_fire_mask[0].tolist() == [False] + [True] * (n - 1)
-    # a word that is not in the text: nothing fires, the logits are the unedited model's, bit for bit
-    absent, _ = store_with_position_keys(model, tok, text, subject_words(tok, ["paris"] * n))
+    # a subject that is not in the text (its last word is): nothing fires, the logits are the unedited model's
+    absent, _ = store_with_position_keys(model, tok, text, subject_words(tok, ["old rome"] * n))  # not in the text
     with absent.attached(model):
         assert torch.equal(model(ids).logits, base) and absent.stats()["fires"] == 0
 
@@ -98,7 +101,7 @@ def test_word_check_sees_tokens_of_earlier_generation_steps(tiny_llama):
     ids_list = tok(text)["input_ids"]
     n = len(ids_list)
     # a two-token "word" ending at "is" (position 4): "rome" "is"
-    two = torch.full((n, 2, 8), NO_WORD, dtype=torch.long)
+    two = torch.full((n, 2, WORD_WIDTH), NO_WORD, dtype=torch.long)
     two[:, 0, -2:] = torch.tensor(ids_list[3:5])
     two[:, 1] = two[:, 0]
     db, ids = store_with_position_keys(model, tok, text, two)
