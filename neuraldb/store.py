@@ -516,6 +516,9 @@ class NeuralDB:
             ids = torch.full((batch, seq), -2, dtype=torch.long, device=device)
         ids = ids[:, ids.shape[1] - seq :].to(device)
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+            # padding is no text: a subject right after left padding starts the text
+            ids = torch.where(mask[:, mask.shape[1] - seq :].to(device).bool(), ids, torch.full_like(ids, -2))
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > seq) or (
             cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0)

@@ -75,12 +75,15 @@ def subject_words(tokenizer: Any, subjects: Sequence[str], *, width: int = WORD_
 
 def word_start_tokens(tokenizer: Any) -> torch.Tensor:
     """(vocab,) bool: tokens after which a word starts (they end in whitespace, an opening quote
-    or a bracket), for the ``WORD_START`` column of the form without a space."""
+    or a bracket, or are special tokens: BOS, padding, chat markers), for the ``WORD_START``
+    column of the form without a space."""
     n = len(tokenizer)
     out = torch.zeros(n, dtype=torch.bool)
     for i in range(n):
         text = tokenizer.decode([i])
         out[i] = bool(text) and (text[-1].isspace() or text[-1] in _OPENERS)
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < n]
+    out[special] = True
     return out
 
 

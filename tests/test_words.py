@@ -163,3 +163,30 @@ def test_edit_stores_words_unless_word_check_is_off(tiny_llama):
     assert torch.equal(db.words, subject_words(tok, ["the city of rome"]))
     off = neuraldb.edit(model, tok, facts, config=neuraldb.EditConfig(**cfg, word_check=False), progress=False)
     assert off.word_checked.tolist() == [False]
+
+
+def test_subject_at_the_start_of_a_left_padded_prompt_fires_as_unpadded(smollm2):
+    """Generation pads on the left: "Turkey" opening the shorter prompt is the start of its text."""
+    model, tok = smollm2
+    texts = ["Turkey is a country in", "The capital city of Turkey is, as everyone knows,"]
+    arch = resolve_arch(model)
+    ids = tok(texts[0], return_tensors="pt").input_ids  # "Tur" "key" ...
+    with Trace(model, arch.mlp_out_at(10), retain_input=True) as t:
+        model(ids)
+    db = NeuralDB(layer=10, d_key=1536, d_model=576, gamma=0.99, module_template=arch.mlp_out)
+    db.add(["turkey"], t.input[0, 1:2], torch.zeros(1, 576), words=subject_words(tok, ["Turkey"]))
+    db.word_starts = word_start_tokens(tok)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    with db.attached(model):
+        model(ids)
+        alone = db.last_fire_mask[0].tolist()
+        model(**enc)
+        padded = db.last_fire_mask
+    pad = int((enc["attention_mask"][0] == 0).sum())
+    assert pad > 0 and alone == [False, True] + [False] * (len(alone) - 2)
+    assert padded[0, pad:].tolist() == alone and not padded[0, :pad].any()
