@@ -519,10 +519,24 @@ class NeuralDB:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
             # padding is no text: a subject right after left padding starts the text
             ids = torch.where(mask[:, mask.shape[1] - seq :].to(device).bool(), ids, torch.full_like(ids, -2))
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > seq) or (
-            cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0)
-        windows = token_windows(ids, self._history if past else None, width=width)
+        # does this call continue the previous one (a generation step)? Not from the cache's length:
+        # the layers before this one have already appended this call's tokens to it
+        history = self._history if self._history is not None and self._history.shape[0] == batch else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+            history = history if mask.shape[1] > seq else None
+        elif history is not None:
+            start = kwargs.get("cache_position")
+            if isinstance(start, torch.Tensor) and start.numel():
+                fresh = start.reshape(-1)[:1].to(device) == 0  # (1,)
+            else:
+                positions = kwargs.get("position_ids")
+                fresh = (positions.reshape(-1, positions.shape[-1])[:, :1].to(device) == 0
+                         if isinstance(positions, torch.Tensor) and positions.dim() >= 1 else None)
+            if fresh is None:
+                history = None
+            else:  # on the device, no host sync: rows that start a text have no history
+                history = torch.where(fresh.reshape(-1, 1), torch.full_like(history, -2), history.to(device))
+        windows = token_windows(ids, history, width=width)
         if seq:
             self._history = windows[:, -1, 1:]  # (batch, width - 1) the tokens this call ends on
         return windows

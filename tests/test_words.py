@@ -190,3 +190,23 @@ def test_subject_at_the_start_of_a_left_padded_prompt_fires_as_unpadded(smollm2)
     pad = int((enc["attention_mask"][0] == 0).sum())
     assert pad > 0 and alone == [False, True] + [False] * (len(alone) - 2)
     assert padded[0, pad:].tolist() == alone and not padded[0, :pad].any()
+
+
+def test_a_new_generation_does_not_inherit_the_previous_ones_tokens(smollm2):
+    """``generate`` without an attention mask: the cache already holds this call's tokens when the
+    edited layer runs, so the hook must not take the previous generation's last tokens as this
+    text's history ("Turkey" opening the second prompt is still the start of a text)."""
+    model, tok = smollm2
+    arch = resolve_arch(model)
+    ids = tok("Turkey is a country in", return_tensors="pt").input_ids
+    with Trace(model, arch.mlp_out_at(10), retain_input=True) as t:
+        model(ids)
+    db = NeuralDB(layer=10, d_key=1536, d_model=576, gamma=0.99, module_template=arch.mlp_out)
+    db.add(["turkey"], t.input[0, 1:2], torch.zeros(1, 576), words=subject_words(tok, ["Turkey"]))
+    db.word_starts = word_start_tokens(tok)
+    other = tok("The capital of France is", return_tensors="pt").input_ids
+    with db.attached(model):
+        model.generate(input_ids=other, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+        db.reset_stats()
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert db.stats()["fires"] >= 1 and int(db.fires_per_fact[0]) >= 1
