@@ -449,14 +449,27 @@ class NeuralDB:
         positions, fires = int(self._positions), int(self._fires)
         return {"positions": positions, "fires": fires, "rate": fires / positions if positions else 0.0}
 
-    def _valid_positions(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """(batch, seq) bool: positions that may fire (not padding, not the sink)."""
+    def _call_inputs(self, batch: int, seq: int) -> tuple[dict[str, Any], Any, Any]:
+        """The model call's kwargs, its input_ids and its 2-D attention mask (keyword or positional;
+        None where absent or not of this call's ``batch`` / at least ``seq`` columns)."""
         kwargs = self._traces[0].call_kwargs if self._traces else {}
         args = self._traces[0].call_args if self._traces else ()
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
+
+        def fits(t: Any) -> bool:
+            return isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == batch and t.shape[1] >= seq
+
+        return kwargs, ids if fits(ids) else None, mask if fits(mask) else None
+
+    def _valid_positions(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        """(batch, seq) bool: positions that may fire (not padding, not the sink)."""
+        kwargs, _, mask = self._call_inputs(batch, seq)
+        if mask is not None:
             mask = mask.to(device).bool()
             total = mask.shape[1]
             first = mask.long().argmax(dim=1, keepdim=True)  # (batch, 1) first real token = sink
@@ -502,27 +515,21 @@ class NeuralDB:
     def _windows(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         """The token windows of this call (:func:`token_windows`), with the tokens the previous
         call ended on when this one continues it (a generation step); keeps this call's last tokens."""
-        kwargs = self._traces[0].call_kwargs if self._traces else {}
-        args = self._traces[0].call_args if self._traces else ()
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
+        kwargs, ids, mask = self._call_inputs(batch, seq)
         width = self.words.shape[2]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < seq:
+        if ids is None:
             if not getattr(self, "_warned_ids", False) and bool(self.word_checked.any()):
                 log.warning("the store's word check needs input_ids (got none, e.g. inputs_embeds): "
                             "facts stored with a word do not fire on this input")
                 self._warned_ids = True
             ids = torch.full((batch, seq), -2, dtype=torch.long, device=device)
         ids = ids[:, ids.shape[1] - seq :].to(device)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
-            # padding is no text: a subject right after left padding starts the text
+        if mask is not None:  # padding is no text: a subject right after left padding starts the text
             ids = torch.where(mask[:, mask.shape[1] - seq :].to(device).bool(), ids, torch.full_like(ids, -2))
         # does this call continue the previous one (a generation step)? Not from the cache's length:
         # the layers before this one have already appended this call's tokens to it
         history = self._history if self._history is not None and self._history.shape[0] == batch else None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+        if mask is not None:
             history = history if mask.shape[1] > seq else None
         elif history is not None:
             start = kwargs.get("cache_position")

@@ -465,8 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calibrate", choices=["no", "yes", "only"], default="yes",
                     help="per-key thresholds from calibration text: no / yes (measure both gates) / only")
     ap.add_argument("--word-check", choices=["no", "yes", "only"], default="yes",
-                    help="the subject's-last-word check (EditConfig.word_check): no / yes (measure gates with and "
-                         "without it) / only")
+                    help="the word check, the subject's tokens must end at the fired position (EditConfig.word_check): "
+                         "no / yes (measure gates with and without it) / only")
     ap.add_argument("--calib-text", nargs="+", default=["default"],
                     help="calibration text specs: default (the general tasks' inputs in the data dir - SciQ, "
                          "MMLU, ARC, CommonsenseQA, WSC - and the LAMBADA passages not evaluated), "
