@@ -47,6 +47,7 @@ written at the end. The attachment state of the store is restored on exit, also 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -71,6 +72,7 @@ from evals.metrics.counterfact import counterfact_scores
 from evals.metrics.fluency import fluency_scores, word_tokenizer_name
 from evals.metrics.tokens import call_model, eval_mode, model_device, pad_id
 from evals.metrics.zsre import zsre_scores
+from neuraldb.hook import detached
 
 __all__ = ["METRICS", "MetricSpec", "SCHEMA", "check_general_tasks", "evaluate", "resolve_tokenizer", "select_cases",
            "store_digest"]
@@ -522,28 +524,6 @@ def _gate(model: Any, tok: Any, db: Any, cases: Sequence[EvalCase], texts: Seque
     return per_case
 
 
-class _Attachment:
-    """Detach whatever store is on ``model`` (and ``db`` wherever it is); restore it all in ``restore``."""
-
-    def __init__(self, model: Any, db: Any) -> None:
-        self.model, self.db = model, db
-        self.saved: list[tuple[Any, Any]] = []  # (store, model it was attached to)
-        if db.is_attached:
-            self.saved.append((db, db._model))
-            db.detach()
-        other = getattr(model, "_neuraldb_store", None)
-        if other is not None:
-            self.saved.append((other, model))
-            other.detach()
-
-    def restore(self) -> None:
-        if self.db.is_attached:
-            self.db.detach()
-        for store, model in reversed(self.saved):
-            if model is not None and not store.is_attached:
-                store.attach(model, check=False)
-
-
 # ----------------------------------------------------------------------------- summary
 
 
@@ -702,7 +682,8 @@ def evaluate(
     row_of = {fid: i for i, fid in enumerate(db.ids)}
     todo = [c for c in cases if c.fact.id not in run.done]
     chunk = chunk_size or batch_size
-    attachment = _Attachment(model, db)
+    unedited = contextlib.ExitStack()  # stores on the model (and db anywhere) are off, and back on at the end
+    unedited.enter_context(detached(model, db))
     bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="evaluate", unit="case", disable=not progress)
     general: dict[str, Any] | None = None
     try:
@@ -739,7 +720,7 @@ def evaluate(
                                    data_dir=data_dir, confidence=confidence, timings=timings)
     finally:
         bar.close()
-        attachment.restore()
+        unedited.close()
 
     records = sorted((run.done[c.fact.id] for c in cases), key=lambda r: order[r["fact_id"]])
     if reference is not None and any(r["post"].get("consistency") is None for r in records):

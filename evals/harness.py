@@ -46,6 +46,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows
 
 from neuraldb import Trace
+from neuraldb.hook import attached_reader
 from neuraldb.store import NeuralDB, StoreError
 
 __all__ = ["NeuralDBLM", "RequestFiring", "main", "add_harness_arguments", "run_harness"]
@@ -157,7 +158,7 @@ class NeuralDBLM(HFLM):
         if not self.store_active or db is None:
             yield None
             return
-        if getattr(self.model, "_neuraldb_store", None) is db:  # the caller attached it already
+        if attached_reader(self.model) is db:  # the caller attached it already
             yield db
             return
         db.attach(self.model, check=False)

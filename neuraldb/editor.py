@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .arch import resolve_arch
 from .config import EditConfig
+from .hook import detached
 from .facts import Fact, validate_facts
 from .keys import compute_keys, context_templates
 from .residuals import compute_residuals, optimisation_model
@@ -126,65 +127,61 @@ def edit(
                 "the store (or checkpoint) was built with a different EditConfig; resume with the same "
                 f"config or start a new store. Stored: {saved}"
             )
-    attached = [m for m in (getattr(model, "_neuraldb_store", None),) if m is not None]
-    for m in attached:  # keys and residuals are always computed on the unedited model
-        m.detach()
-    was_training = model.training
-    model.eval()
-    try:
-        if db is None or not templates:
-            templates = context_templates(
-                model, tokenizer, prefixes=config.context_prefixes, length=config.context_length,
-                seed=config.context_seed,
-            )
-        if db is None:
-            db = _new_store(model, config, layer, templates)
-        todo = [f for f in facts if f.id not in db]
-        if len(todo) < len(facts):
-            log.info("skipping %d facts already in the store", len(facts) - len(todo))
-        key_templates = templates if config.bare_weight > 0 else templates[1:]
-        optimised = optimisation_model(model, config.residual_dtype) if todo else model
-        bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
-        t0 = time.perf_counter()
-        stored = _stored_by_subject(db) if config.share_subject_residuals else {}
-        for b, start in enumerate(range(0, len(todo), config.batch_size)):
-            batch = todo[start : start + config.batch_size]
-            # facts stored earlier about a subject of this batch are optimised again with it, so that
-            # every fact about one subject ends with the same residual (see share_subject_residuals)
-            earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
-            keys = compute_keys(
-                model, tokenizer, batch, layer=layer, templates=key_templates,
-                bare_weight=config.bare_weight, arch=arch,
-            )
-            together = batch + earlier
-            residuals, info = compute_residuals(
-                optimised, tokenizer, together, layer=layer, templates=templates, config=config, arch=arch,
-                groups=_subject_groups(together) if config.share_subject_residuals else None,
-            )
-            for j, f in enumerate(earlier, start=len(batch)):
-                db.update(f.id, residual=residuals[j])
-            if earlier:
-                log.info("re-optimised %d stored facts that share a subject with this batch", len(earlier))
-            records = []
-            for i, f in enumerate(batch):
-                rec = f.to_dict()
-                rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
-                records.append(rec)
-            words = subject_words(tokenizer, [f.subject for f in batch]) if config.word_check else None
-            if words is not None and db.word_starts.numel() == 0:
-                db.word_starts = word_start_tokens(tokenizer)
-            db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
-            if config.share_subject_residuals:
-                for f in batch:
-                    stored.setdefault(f.subject, []).append(f)
-            bar.update(len(batch))
-            if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
-                db.save(ckpt)
-        bar.close()
-        if todo:
-            log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
-    finally:
-        model.train(was_training)
-        for m in attached:
-            m.attach(model)
+    with detached(model):  # keys and residuals are always computed on the unedited model
+        was_training = model.training
+        model.eval()
+        try:
+            if db is None or not templates:
+                templates = context_templates(
+                    model, tokenizer, prefixes=config.context_prefixes, length=config.context_length,
+                    seed=config.context_seed,
+                )
+            if db is None:
+                db = _new_store(model, config, layer, templates)
+            todo = [f for f in facts if f.id not in db]
+            if len(todo) < len(facts):
+                log.info("skipping %d facts already in the store", len(facts) - len(todo))
+            key_templates = templates if config.bare_weight > 0 else templates[1:]
+            optimised = optimisation_model(model, config.residual_dtype) if todo else model
+            bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
+            t0 = time.perf_counter()
+            stored = _stored_by_subject(db) if config.share_subject_residuals else {}
+            for b, start in enumerate(range(0, len(todo), config.batch_size)):
+                batch = todo[start : start + config.batch_size]
+                # facts stored earlier about a subject of this batch are optimised again with it, so that
+                # every fact about one subject ends with the same residual (see share_subject_residuals)
+                earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
+                keys = compute_keys(
+                    model, tokenizer, batch, layer=layer, templates=key_templates,
+                    bare_weight=config.bare_weight, arch=arch,
+                )
+                together = batch + earlier
+                residuals, info = compute_residuals(
+                    optimised, tokenizer, together, layer=layer, templates=templates, config=config, arch=arch,
+                    groups=_subject_groups(together) if config.share_subject_residuals else None,
+                )
+                for j, f in enumerate(earlier, start=len(batch)):
+                    db.update(f.id, residual=residuals[j])
+                if earlier:
+                    log.info("re-optimised %d stored facts that share a subject with this batch", len(earlier))
+                records = []
+                for i, f in enumerate(batch):
+                    rec = f.to_dict()
+                    rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
+                    records.append(rec)
+                words = subject_words(tokenizer, [f.subject for f in batch]) if config.word_check else None
+                if words is not None and db.word_starts.numel() == 0:
+                    db.word_starts = word_start_tokens(tokenizer)
+                db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
+                if config.share_subject_residuals:
+                    for f in batch:
+                        stored.setdefault(f.subject, []).append(f)
+                bar.update(len(batch))
+                if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
+                    db.save(ckpt)
+            bar.close()
+            if todo:
+                log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
+        finally:
+            model.train(was_training)
     return db

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .keys import model_device, pad_batch, pad_id
+from .hook import attached_reader, mark_attached
 from .nethook import Trace, get_module
 from .store import NeuralDB, StoreError
 
@@ -77,7 +78,8 @@ class LinearReader:
         self.db = db
         self.c0 = c0
         self.lam = float(lam if lam is not None else (15000.0 if c0 is not None else 1.0))
-        self._saved: tuple[nn.Module, torch.Tensor] | None = None
+        self._saved: tuple[nn.Module, torch.Tensor] | None = None  # (projection, its original weight)
+        self._model: nn.Module | None = None
         self._delta: tuple[int, torch.Tensor] | None = None
 
     def __getattr__(self, name: str) -> Any:  # ids, facts, layer, gamma, config ... from the store
@@ -93,9 +95,17 @@ class LinearReader:
     def is_attached(self) -> bool:
         return self._saved is not None
 
+    @property
+    def model(self) -> nn.Module | None:
+        """The model whose weight this reader changed (None when detached)."""
+        return self._model
+
     def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "LinearReader":
         if self._saved is not None:
             raise StoreError("this linear reader is already attached; call detach() first")
+        other = attached_reader(model)
+        if other is not None:
+            raise StoreError(f"another store is attached to this model ({other!r}); detach it first")
         if check:
             self.db.check_compatible(model, layer=layer)
         module = get_module(model, self.db.module_name(model))
@@ -107,14 +117,17 @@ class LinearReader:
             delta = delta.T
         original = module.weight.detach().clone()
         module.weight.data += delta.to(module.weight.dtype).to(module.weight.device)
-        self._saved = (module, original)
+        self._saved, self._model = (module, original), model
+        mark_attached(model, self)
         return self
 
     def detach(self) -> None:
-        saved, self._saved = self._saved, None
+        saved, model, self._saved, self._model = self._saved, self._model, None, None
         if saved is not None:
             module, original = saved
             module.weight.data.copy_(original)
+        if model is not None and attached_reader(model) is self:
+            mark_attached(model, None)
 
     @contextmanager
     def attached(self, model: nn.Module, *, layer: int | None = None) -> Iterator["LinearReader"]:

@@ -30,12 +30,9 @@ exactly the paper's.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import tempfile
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -43,14 +40,14 @@ import torch
 from torch import nn
 
 from .arch import ModelArch, resolve_arch
-from .nethook import Trace, get_module
+from .hook import StoreHook, attached_reader, mark_attached
+from .nethook import get_module
 from .retrieval import LowRankScreen, top1, unit_rows
 from .words import NO_WORD, WORD_WIDTH, token_windows, word_match
 
-__all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "FORMAT_VERSION"]
+__all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "model_name"]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
 
 
 class StoreError(ValueError):
@@ -124,14 +121,12 @@ class NeuralDB:
         self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
         self.words = torch.full((0, 2, WORD_WIDTH), NO_WORD, dtype=torch.long)  # (N, 2, width); NO_WORD = no check
         self._word_starts = torch.zeros(0, dtype=torch.bool)  # (vocab,) words.word_start_tokens of the tokenizer
-        self._history: torch.Tensor | None = None  # (batch, width - 1) last tokens of the previous call
         self.ids: list[str] = []
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
         self._dev: dict[str, torch.Tensor] = {}
         self._version = 0  # bumped by every change of keys, residuals or thresholds (readers cache on it)
-        self._traces: list[Trace] = []
-        self._model: nn.Module | None = None
+        self._hook: StoreHook | None = None  # the hooks while attached
         self.reset_stats()
 
     @property
@@ -318,10 +313,15 @@ class NeuralDB:
         """(N,) bool: the facts whose gate also checks their subject's tokens."""
         return (self.words[:, 0] != NO_WORD).any(dim=1)
 
+    def checks_words(self, device: torch.device) -> bool:
+        """Whether any fact is word-checked (a host flag cached with the device tensors)."""
+        self.device_tensors(device)
+        return bool(self._dev["checks"])
+
     def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(M,) bool: the word check for retrieved rows ``index`` (M,) at token ``windows``
         (M, width) (:func:`neuraldb.words.token_windows`); True for facts without a word."""
-        self._device_tensors(windows.device)
+        self.device_tensors(windows.device)
         return word_match(self._dev["words"][index.clamp_min(0)], windows, self._dev["starts"])
 
     @torch.no_grad()
@@ -380,7 +380,8 @@ class NeuralDB:
             self.fires_per_fact = torch.zeros(len(self.ids), dtype=torch.long)
 
     # ---------------------------------------------------------------- retrieval
-    def _device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit keys (N, d_key), residuals (N, d_model)) on ``device``, cached until the store changes."""
         if self._dev.get("device") is None or self._dev["device"].device != device:  # type: ignore[union-attr]
             self._dev = {
                 "device": torch.empty(0, device=device),
@@ -405,7 +406,7 @@ class NeuralDB:
         scores, index = self.retrieve(queries)
         if len(self) == 0:
             return torch.zeros_like(scores, dtype=torch.bool), index, scores
-        self._device_tensors(scores.device)
+        self.device_tensors(scores.device)
         return scores > self._dev["gate"][index], index, scores
 
     @torch.no_grad()
@@ -419,14 +420,23 @@ class NeuralDB:
         if len(self) == 0:
             return (torch.full((q.shape[0],), float("-inf"), device=q.device),
                     torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device))
-        keys, _ = self._device_tensors(q.device)
+        keys, _ = self.device_tensors(q.device)
         return top1(q, keys, chunk_size=self.chunk_size)
 
     @torch.no_grad()
+    def fire(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook's gate: :meth:`gate`'s ``(fire, index)`` for query rows (M, d_key), computed
+        through the exact low-rank screen for stores of ``screen_min_keys`` keys or more."""
+        if self.screen_rank and len(self) >= self.screen_min_keys and self.screen_rank < self.d_key:
+            return self._screened_gate(queries)
+        fire, index, _ = self.gate(queries)
+        return fire, index
+
+    @torch.no_grad()
     def _screened_gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The hook's gate for large stores: :meth:`gate`'s fire and fired index, screened."""
+        """:meth:`fire` for large stores: :meth:`gate`'s fire and fired index, screened."""
         q = unit_rows(queries)  # (M, d_key)
-        keys, _ = self._device_tensors(q.device)
+        keys, _ = self.device_tensors(q.device)
         screen = self._dev.get("screen")
         if screen is None:  # built once per change of the store, from its keys and this first batch
             sample = q[:: max(1, q.shape[0] // 4096)]
@@ -440,7 +450,6 @@ class NeuralDB:
         self._positions = torch.zeros((), dtype=torch.long)
         self._fires = torch.zeros((), dtype=torch.long)
         self.fires_per_fact = torch.zeros(len(getattr(self, "ids", [])), dtype=torch.long)
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.last_fire_mask: torch.Tensor | None = None
         self.last_fire_index: torch.Tensor | None = None
 
@@ -449,123 +458,16 @@ class NeuralDB:
         positions, fires = int(self._positions), int(self._fires)
         return {"positions": positions, "fires": fires, "rate": fires / positions if positions else 0.0}
 
-    def _call_inputs(self, batch: int, seq: int) -> tuple[dict[str, Any], Any, Any]:
-        """The model call's kwargs, its input_ids and its 2-D attention mask (keyword or positional;
-        None where absent or not of this call's ``batch`` / at least ``seq`` columns)."""
-        kwargs = self._traces[0].call_kwargs if self._traces else {}
-        args = self._traces[0].call_args if self._traces else ()
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
-            ids = args[0]
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
+    def record_firing(self, valid: torch.Tensor, fire: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> None:
+        """Count one call's gated positions and fires (each (batch*seq,)); keep its masks.
 
-        def fits(t: Any) -> bool:
-            return isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == batch and t.shape[1] >= seq
-
-        return kwargs, ids if fits(ids) else None, mask if fits(mask) else None
-
-    def _valid_positions(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """(batch, seq) bool: positions that may fire (not padding, not the sink)."""
-        kwargs, _, mask = self._call_inputs(batch, seq)
-        if mask is not None:
-            mask = mask.to(device).bool()
-            total = mask.shape[1]
-            first = mask.long().argmax(dim=1, keepdim=True)  # (batch, 1) first real token = sink
-            pos = torch.arange(total - seq, total, device=device).unsqueeze(0)  # (1, seq)
-            return mask[:, total - seq :] & (pos > first)
-        positions = kwargs.get("position_ids")
-        if isinstance(positions, torch.Tensor) and positions.shape[-1] == seq:
-            # absolute positions of this chunk (generation passes them): position 0 is the sink
-            return (positions.to(device) > 0).expand(batch, seq)
-        past = 0
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        pos = torch.arange(past, past + seq, device=device)
-        return (pos > 0).unsqueeze(0).expand(batch, seq)
-
-    def _route(self, x: torch.Tensor) -> None:
-        """Gate decision for the keys ``x`` (batch, seq, d_key); kept for :meth:`_apply`."""
-        self._pending = None
-        if len(self) == 0 or x.dim() != 3:
-            return
-        batch, seq, _ = x.shape
-        valid = self._valid_positions(batch, seq, x.device).reshape(-1)  # (batch*seq,)
-        rows = valid.nonzero().squeeze(1)  # (m,) only these are gated: the sink and padding never fire
-        queries = x.reshape(-1, self.d_key)[rows]  # (m, d_key)
-        if self.screen_rank and len(self) >= self.screen_min_keys and self.screen_rank < self.d_key:
-            gated, at = self._screened_gate(queries)  # (m,)
-        else:
-            gated, at, _ = self.gate(queries)  # (m,)
-        if bool(self._dev["checks"]):  # (batch, seq, width) token ids ending at each position
-            windows = self._windows(batch, seq, x.device)
-            gated = gated & self.word_ok(at, windows.reshape(batch * seq, -1)[rows])
-        fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
-        index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
-        # counters stay on the device: no host sync in the hot path
-        self._positions = self._positions.to(x.device) + valid.sum()
-        self._fires = self._fires.to(x.device) + fire.sum()
-        self.fires_per_fact = self.fires_per_fact.to(x.device).index_add_(0, index.clamp_min(0), fire.long())
+        The counters stay on the device: no host sync in the hook's hot path.
+        """
+        self._positions = self._positions.to(fire.device) + valid.sum()
+        self._fires = self._fires.to(fire.device) + fire.sum()
+        self.fires_per_fact = self.fires_per_fact.to(fire.device).index_add_(0, index.clamp_min(0), fire.long())
         self.last_fire_mask = fire.reshape(batch, seq)
         self.last_fire_index = torch.where(fire, index, torch.full_like(index, -1)).reshape(batch, seq)
-        self._pending = (fire, index)
-
-    def _windows(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-        """The token windows of this call (:func:`token_windows`), with the tokens the previous
-        call ended on when this one continues it (a generation step); keeps this call's last tokens."""
-        kwargs, ids, mask = self._call_inputs(batch, seq)
-        width = self.words.shape[2]
-        if ids is None:
-            if not getattr(self, "_warned_ids", False) and bool(self.word_checked.any()):
-                log.warning("the store's word check needs input_ids (got none, e.g. inputs_embeds): "
-                            "facts stored with a word do not fire on this input")
-                self._warned_ids = True
-            ids = torch.full((batch, seq), -2, dtype=torch.long, device=device)
-        ids = ids[:, ids.shape[1] - seq :].to(device)
-        if mask is not None:  # padding is no text: a subject right after left padding starts the text
-            ids = torch.where(mask[:, mask.shape[1] - seq :].to(device).bool(), ids, torch.full_like(ids, -2))
-        # does this call continue the previous one (a generation step)? Not from the cache's length:
-        # the layers before this one have already appended this call's tokens to it
-        history = self._history if self._history is not None and self._history.shape[0] == batch else None
-        if mask is not None:
-            history = history if mask.shape[1] > seq else None
-        elif history is not None:
-            start = kwargs.get("cache_position")
-            if isinstance(start, torch.Tensor) and start.numel():
-                fresh = start.reshape(-1)[:1].to(device) == 0  # (1,)
-            else:
-                positions = kwargs.get("position_ids")
-                fresh = (positions.reshape(-1, positions.shape[-1])[:, :1].to(device) == 0
-                         if isinstance(positions, torch.Tensor) and positions.dim() >= 1 else None)
-            if fresh is None:
-                history = None
-            else:  # on the device, no host sync: rows that start a text have no history
-                history = torch.where(fresh.reshape(-1, 1), torch.full_like(history, -2), history.to(device))
-        windows = token_windows(ids, history, width=width)
-        if seq:
-            self._history = windows[:, -1, 1:]  # (batch, width - 1) the tokens this call ends on
-        return windows
-
-    def _apply(self, out: torch.Tensor) -> torch.Tensor:
-        """Add the routed residuals to ``out`` (batch, seq, d_model); untouched where shut."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return out
-        fire, index = pending
-        _, residuals = self._device_tensors(out.device)
-        add = residuals[index.clamp_min(0)].to(out.dtype)  # (batch*seq, d_model)
-        flat = out.reshape(-1, out.shape[-1])
-        return torch.where(fire.unsqueeze(1), flat + add, flat).reshape(out.shape)
-
-    def _gate(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        self._route(x)
-        return self._apply(out)
-
-    def _route_only(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        self._route(x)
-        return out
 
     # ------------------------------------------------------------ attach/detach
     def module_name(self, model: nn.Module | None = None) -> str:
@@ -622,42 +524,34 @@ class NeuralDB:
 
     def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "NeuralDB":
         """Hook the gate into ``model`` (checks it is the store's model and layer)."""
-        if self._traces:
+        if self._hook is not None:
             raise StoreError("this store is already attached; call detach() first")
-        other = getattr(model, "_neuraldb_store", None)
+        other = attached_reader(model)
         if other is not None:
             raise StoreError(f"another store is attached to this model ({other!r}); detach it first")
         if check:
             self.check_compatible(model, layer=layer)
-        root = getattr(model, "base_model", model)
-        traces: list[Trace] = []
-        try:
-            traces.append(Trace(root, "", retain_output=False, retain_call=True))
-            key_module, out_module = self.module_name(model), self.residual_module_name(model)
-            if key_module == out_module:
-                traces.append(Trace(model, key_module, retain_output=False, edit_output=self._gate))
-            else:
-                traces.append(Trace(model, key_module, retain_output=False, edit_output=self._route_only))
-                traces.append(Trace(model, out_module, retain_output=False, edit_output=lambda o, x: self._apply(o)))
-        except BaseException:
-            for t in traces:
-                t.close()
-            raise
-        self._traces, self._model = traces, model
-        model._neuraldb_store = self
+        self._hook = StoreHook(self, model)
+        mark_attached(model, self)
         return self
 
     def detach(self) -> None:
         """Remove the hooks; the model is the original model again."""
-        traces, model, self._traces, self._model = self._traces, self._model, [], None
-        for t in reversed(traces):
-            t.close()
-        if model is not None and getattr(model, "_neuraldb_store", None) is self:
-            del model._neuraldb_store
+        hook, self._hook = self._hook, None
+        if hook is None:
+            return
+        hook.close()
+        if attached_reader(hook.model) is self:
+            mark_attached(hook.model, None)
 
     @property
     def is_attached(self) -> bool:
-        return bool(self._traces)
+        return self._hook is not None
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model this store is attached to (None when detached)."""
+        return self._hook.model if self._hook is not None else None
 
     @contextmanager
     def attached(self, model: nn.Module, *, layer: int | None = None) -> Iterator["NeuralDB"]:
@@ -669,113 +563,22 @@ class NeuralDB:
             self.detach()
 
     # -------------------------------------------------------------- persistence
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "format": "neuraldb",
-            "format_version": FORMAT_VERSION,
-            "layer": self.layer,
-            "gamma": self.gamma,
-            "d_key": self.d_key,
-            "d_model": self.d_model,
-            "module_template": self.module_template,
-            "residual_template": self.residual_template,
-            "model_name": self.model_name,
-            "model_type": self.model_type,
-            "fingerprint": self.fingerprint,
-            "config": self.config,
-            "per_key_thresholds": bool(torch.isfinite(self.thresholds).any()),
-            "ids": self.ids,
-            "facts": [self.facts.get(i) for i in self.ids],
-            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write keys, residuals and metadata to one safetensors file, atomically."""
-        from safetensors.torch import save_file
+        """Write keys, residuals and metadata to one safetensors file, atomically
+        (:func:`neuraldb.storefile.write_store`)."""
+        from .storefile import write_store
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"neuraldb": json.dumps(self.metadata(), ensure_ascii=False)}
-        tensors = {"keys": self.keys.contiguous(), "residuals": self.residuals.contiguous()}
-        if torch.isfinite(self.thresholds).any():  # only then: files without them stay readable by older code
-            tensors["thresholds"] = self.thresholds.contiguous()
-        if bool(self.word_checked.any()):  # likewise
-            tensors["words"] = self.words.contiguous()
-            tensors["word_starts"] = self.word_starts.to(torch.uint8).contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_store(self, path)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, model: nn.Module | None = None, layer: int | None = None
     ) -> "NeuralDB":
-        """Read a store saved by :meth:`save`; with ``model``, check it belongs to that model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
+        """Read a store saved by :meth:`save`; with ``model``, check it belongs to that model
+        (:func:`neuraldb.storefile.read_store`)."""
+        from .storefile import read_store
 
-        path = Path(path)
-        if not path.is_file():
-            raise StoreError(f"no store file at {str(path)!r}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                raw = (fh.metadata() or {}).get("neuraldb")
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise StoreError(f"{path} is not a readable safetensors store (corrupt or truncated?): {exc}") from exc
-        if raw is None:
-            raise StoreError(f"{path} has no neuraldb metadata: it was not written by NeuralDB.save")
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{path}: the neuraldb metadata is not valid JSON ({exc})") from exc
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path}: store format version {meta.get('format_version')!r} is not supported "
-                f"(this neuraldb reads version {FORMAT_VERSION})"
-            )
-        required = ("layer", "gamma", "d_key", "d_model", "ids")
-        missing = [k for k in required if k not in meta]
-        if missing or not {"keys", "residuals"} <= set(tensors) <= {"keys", "residuals", "thresholds", "words",
-                                                                                  "word_starts"}:
-            raise StoreError(f"{path}: missing metadata field(s) {missing} or tensors {sorted(tensors)}")
-        db = cls(
-            layer=meta["layer"],
-            d_key=meta["d_key"],
-            d_model=meta["d_model"],
-            gamma=meta["gamma"],
-            module_template=meta.get("module_template"),
-            residual_template=meta.get("residual_template"),
-            model_name=meta.get("model_name", ""),
-            model_type=meta.get("model_type", ""),
-            fingerprint=meta.get("fingerprint", ""),
-            config=meta.get("config") or {},
-        )
-        n = len(meta["ids"])
-        if tensors["keys"].shape[0] != n or tensors["residuals"].shape[0] != n:
-            raise StoreError(
-                f"{path}: {n} fact ids but {tensors['keys'].shape[0]} keys / "
-                f"{tensors['residuals'].shape[0]} residuals; the file is inconsistent"
-            )
-        facts = meta.get("facts") or [None] * n
-        thresholds = tensors.get("thresholds")
-        if thresholds is not None and thresholds.shape != (n,):
-            raise StoreError(f"{path}: {n} fact ids but thresholds of shape {tuple(thresholds.shape)}")
-        words = tensors.get("words")
-        if words is not None and (words.dim() != 3 or words.shape[:2] != (n, 2)):
-            raise StoreError(f"{path}: {n} fact ids but words of shape {tuple(words.shape)}; the file is inconsistent")
-        if words is not None:
-            db.words = torch.full((0, 2, words.shape[2]), NO_WORD, dtype=torch.long)
-            db.word_starts = tensors.get("word_starts", torch.zeros(0)).bool()
-        db.add(meta["ids"], tensors["keys"], tensors["residuals"], facts=[f or {} for f in facts],
-               thresholds=thresholds, words=words)
-        db.facts = {i: f for i, f in zip(db.ids, facts) if f}
+        db = read_store(path, cls=cls)
         if model is not None:
             db.check_compatible(model, layer=layer)
         elif layer is not None:
