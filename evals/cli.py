@@ -1,4 +1,4 @@
-"""The ``neuraldb`` sub-commands that live in ``evals`` (found by ``neuraldb/cli.py``).
+"""The ``neuraldb evaluate`` and ``neuraldb compare`` sub-commands (registered in ``neuraldb.cli.COMMANDS``).
 
 Example::
 
@@ -7,9 +7,11 @@ Example::
     neuraldb compare reports/cf100/report.json reports/cf100-gamma075/report.json
 
 Each sub-command ``NAME`` is a pair ``add_NAME_arguments(parser)`` / ``run_NAME(args) -> int``
-(exit code); append new ones (``gate``, ``study``) as another pair below. Errors that are the
-user's (bad input, missing file) are raised as ``ValueError``/``FileNotFoundError`` and turned
-into exit code 2 by ``neuraldb.cli.main``.
+(exit code), named as ``"evals.cli:add_NAME_arguments"`` / ``"evals.cli:run_NAME"`` in
+``neuraldb.cli.COMMANDS``; the other sub-commands live in their own modules (``evals.gate``,
+``evals.study``, ``evals.harness``, ``properties.fire_rate``). Errors that are the user's (bad
+input, missing file) are raised as ``ValueError``/``FileNotFoundError`` and turned into exit
+code 2 by ``neuraldb.cli.main``.
 """
 
 from __future__ import annotations
@@ -153,9 +155,3 @@ def run_compare(args: argparse.Namespace) -> int:
         print(rep.render_comparison(cmp))
     return 0
 
-
-# sub-commands that live in their own modules (discovered by neuraldb.cli)
-from evals.gate import add_gate_arguments, run_gate  # noqa: E402,F401  (`neuraldb gate`)
-from evals.study import add_study_arguments, run_study_cli as run_study  # noqa: E402,F401  (`neuraldb study`)
-
-__all__ += ["add_gate_arguments", "run_gate", "add_study_arguments", "run_study"]

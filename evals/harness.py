@@ -10,11 +10,12 @@ Example (Python)::
     lm.edited = False            # the same instance with the store off: the original model
 
 Example (command line; lm-eval 0.4.13 loads no plugins, so this module registers the model and
-then runs lm-eval's own command line with the arguments it was given)::
+then runs lm-eval's own command line with the arguments it was given; ``neuraldb harness [--data_dir
+DIR] -- ARGS`` and ``neuraldb-lm-eval ARGS`` do the same)::
 
     python -m evals.harness --model neuraldb \\
         --model_args pretrained=smollm2-135m,db=facts.safetensors,firing_log=out/firing.json \\
-        --tasks sciq,arc_challenge --limit 50 --output_path out [--data_dir /work/shared/data]
+        --tasks sciq,arc_challenge --limit 50 --output_path out [--data_dir "$NEURALDB_DATA_DIR"]
 
 ``--data_dir`` (ours, not lm-eval's) points the built-in tasks at local files
 (:func:`evals.tasks.offline_include_path`) and passes that folder as ``--include_path``.
@@ -381,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_harness_arguments(parser: Any) -> None:
-    """For ``neuraldb harness ...`` (neuraldb.cli's sub-command protocol)."""
+    """``neuraldb harness [--data_dir DIR] -- LM_EVAL_ARGS`` (registered in ``neuraldb.cli.COMMANDS``)."""
     import argparse
 
     parser.add_argument("--data_dir", default=None, help="read the built-in tasks from this data directory")
@@ -389,6 +390,7 @@ def add_harness_arguments(parser: Any) -> None:
 
 
 def run_harness(args: Any) -> int:
+    """:func:`main` on the sub-command's arguments; lm-eval's exit code."""
     rest = list(args.lm_eval_args)
     if rest[:1] == ["--"]:
         rest = rest[1:]

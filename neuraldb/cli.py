@@ -6,9 +6,20 @@ Example::
     neuraldb edit --model smollm2-135m --facts facts.json --out store.safetensors
     neuraldb evaluate --model smollm2-135m --dataset counterfact --n 100
     neuraldb gate --model smollm2-135m --store store.safetensors --policy policy.yaml
+    neuraldb harness -- --model neuraldb --model_args pretrained=smollm2-135m --tasks sciq --limit 20
 
-Sub-commands that need the ``eval`` extra import it lazily. Exit codes: 0 ok,
-1 a failed check (``gate``), 2 a usage or input error.
+Sub-commands are data: :data:`COMMANDS` maps each name to its help line and two
+``"module:function"`` targets (one adds the sub-command's arguments to its parser, one
+runs it and returns the exit code), named lazily as lm-eval's registry names its models.
+A target is imported only when its sub-command runs: ``neuraldb --help`` imports nothing
+more and lists every sub-command, and a sub-command whose module cannot be imported (a
+missing optional dependency, a broken module) fails when it is run, loudly: the traceback,
+then one line naming the module and the exception, exit code 3. ``COMMANDS`` (and
+``_load_facts`` reading a CounterFact/ZsRE file with ``evals.datasets``) are the only
+places the core names ``evals`` or ``properties``.
+
+Exit codes: 0 ok, 1 a failed check (``gate``), 2 a usage or input error, 3 the
+sub-command could not be loaded.
 """
 
 from __future__ import annotations
@@ -19,20 +30,83 @@ import json
 import logging
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "Command", "CommandLoadError", "build_parser", "load_command", "main"]
 
-# sub-command -> "module:function" providing add_arguments(parser) and run(args) -> int
-_EXTERNAL = {
-    "evaluate": ("evals.cli", "evaluate", "edit the first N facts of a dataset and evaluate them (pre/post)"),
-    "gate": ("evals.cli", "gate", "decide whether an edited checkpoint may be released"),
-    "compare": ("evals.cli", "compare", "compare two saved reports without re-running"),
-    "study": ("evals.cli", "study", "scaling study: gated vs linear reader at several sizes"),
-    "fire-rate": ("properties.fire_rate", "fire_rate", "the gate's firing rate on unrelated text"),
+EXIT_INPUT_ERROR = 2
+EXIT_NOT_LOADED = 3
+
+
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: its help line and two ``"module:function"`` targets.
+
+    ``arguments(parser)`` adds the sub-command's arguments to its ``argparse`` parser;
+    ``run(args) -> int`` runs it on the parsed ``argparse.Namespace`` and returns the exit code.
+    """
+
+    help: str
+    arguments: str
+    run: str
+
+
+# Sub-command -> targets, imported only when that sub-command runs.
+COMMANDS: dict[str, Command] = {
+    "demo": Command("edit a handful of facts into the default model, before/after",
+                    "neuraldb.cli:_add_demo_arguments", "neuraldb.cli:_run_demo"),
+    "edit": Command("edit facts from a file into a store (resumable)",
+                    "neuraldb.cli:_add_edit_arguments", "neuraldb.cli:_run_edit"),
+    "evaluate": Command("edit the first N facts of a dataset and evaluate them (pre/post)",
+                        "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
+    "compare": Command("compare two saved reports without re-running",
+                       "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
+    "gate": Command("decide whether an edited checkpoint may be released",
+                    "evals.gate:add_gate_arguments", "evals.gate:run_gate"),
+    "study": Command("scaling study: gated vs linear reader at several sizes",
+                     "evals.study:add_study_arguments", "evals.study:run_study_cli"),
+    "fire-rate": Command("the gate's false fires on unrelated text and its paraphrase recall",
+                         "properties.fire_rate:add_fire_rate_arguments", "properties.fire_rate:run_fire_rate"),
+    "harness": Command("lm-eval's own command line with the neuraldb model registered (its arguments after --)",
+                       "evals.harness:add_harness_arguments", "evals.harness:run_harness"),
 }
+
+
+class CommandLoadError(RuntimeError):
+    """A sub-command's target could not be imported or found (``__cause__``: the import's exception)."""
+
+    def __init__(self, command: str, target: str, what: str) -> None:
+        self.command, self.target, self.module = command, target, target.partition(":")[0]
+        super().__init__(f"sub-command {command!r} cannot be loaded ({target}): {what}")
+
+
+def _packages() -> set[str]:
+    """The top-level packages of the table's targets (a module missing there is not an extra)."""
+    return {t.partition(":")[0].partition(".")[0] for c in COMMANDS.values() for t in (c.arguments, c.run)}
+
+
+def load_command(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``(arguments, run)`` of sub-command ``name``: :class:`CommandLoadError` if either cannot be loaded."""
+    command = COMMANDS[name]
+    found = []
+    for target in (command.arguments, command.run):
+        module, _, function = target.partition(":")
+        try:
+            loaded = importlib.import_module(module)
+        except Exception as exc:  # whatever the module raised on import: reported, never skipped
+            what = f"importing {module} raised {type(exc).__name__}: {exc}"
+            missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+            if missing and missing.partition(".")[0] not in _packages():
+                what += "; is the 'eval' extra installed? pip install 'neuraldb[eval]'"
+            raise CommandLoadError(name, target, what) from exc
+        if not callable(getattr(loaded, function, None)):
+            raise CommandLoadError(name, target, f"{module} has no function {function!r}")
+        found.append(getattr(loaded, function))
+    return found[0], found[1]
 
 
 def _generate(model: Any, tok: Any, prompts: Sequence[str], n: int = 4) -> list[str]:
@@ -63,7 +137,7 @@ def _load_facts(path: str | None) -> list[Any]:
     return [c.fact for c in load_any(p)]
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import EditConfig, edit, load_model
@@ -112,7 +186,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_edit(args: argparse.Namespace) -> int:
+def _run_edit(args: argparse.Namespace) -> int:
     from . import EditConfig, edit, load_model
 
     model, tok = load_model(args.model)
@@ -125,55 +199,73 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_builtin(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="edit a handful of facts into the default model, before/after")
-    demo.add_argument("--model", default="smollm2-135m")
-    demo.add_argument("--facts", help="a JSON list of facts (default: the shipped demo facts)")
-    demo.add_argument("--layer", type=int, default=None)
-    demo.add_argument("--save", help="write the store to this .safetensors file")
-    demo.set_defaults(func=_cmd_demo)
-    ed = sub.add_parser("edit", help="edit facts from a file into a store (resumable)")
-    ed.add_argument("--model", default="smollm2-135m")
-    ed.add_argument("--facts", required=True, help="JSON list of facts, or a CounterFact/ZsRE file")
-    ed.add_argument("--out", required=True, help="store file (.safetensors); also the checkpoint")
-    ed.add_argument("--checkpoint", default=None)
-    ed.add_argument("--n", type=int, default=None)
-    ed.add_argument("--layer", type=int, default=None)
-    ed.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
-    ed.add_argument("--residual-dtype", default=None,
-                    help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
-                    "with bfloat16 units); default: the model's own")
-    ed.add_argument("--no-word-check", action="store_true",
-                    help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
-    ed.set_defaults(func=_cmd_edit)
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--facts", help="a JSON list of facts (default: the shipped demo facts)")
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--save", help="write the store to this .safetensors file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="neuraldb", description=__doc__.split("\n")[0])
+def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--facts", required=True, help="JSON list of facts, or a CounterFact/ZsRE file")
+    p.add_argument("--out", required=True, help="store file (.safetensors); also the checkpoint")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
+    p.add_argument("--residual-dtype", default=None,
+                   help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
+                   "with bfloat16 units); default: the model's own")
+    p.add_argument("--no-word-check", action="store_true",
+                   help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` names (its first non-option word), or None (help, or none given)."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser listing every sub-command; only ``command``'s targets are imported (its
+    arguments added, ``func`` set to its run). :class:`CommandLoadError` if they cannot be."""
+    parser = argparse.ArgumentParser(
+        prog="neuraldb", description=__doc__.split("\n")[0],
+        epilog="exit codes: 0 ok, 1 a failed check (gate), 2 a usage or input error, 3 the sub-command "
+               "could not be loaded")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_builtin(sub)
-    for name, (module, attr, help_text) in _EXTERNAL.items():
-        try:
-            mod = importlib.import_module(module)
-            add: Callable = getattr(mod, f"add_{attr.replace('-', '_')}_arguments")
-        except (ImportError, AttributeError):
-            continue  # that part is not installed (or not built yet)
-        p = sub.add_parser(name, help=help_text)
-        add(p)
-        p.set_defaults(func=getattr(mod, f"run_{attr.replace('-', '_')}"))
+    for name, spec in COMMANDS.items():
+        p = sub.add_parser(name, help=spec.help, description=spec.help)
+        if name == command:
+            add_arguments, run = load_command(name)
+            add_arguments(p)
+            p.set_defaults(func=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_in(argv)
+    try:
+        parser = build_parser(command)
+    except CommandLoadError as exc:
+        if exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"neuraldb {command}: error: {exc}", file=sys.stderr)
+        return EXIT_NOT_LOADED
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"neuraldb {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT_ERROR
 
 
 if __name__ == "__main__":

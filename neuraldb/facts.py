@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 __all__ = [
     "Fact",
@@ -211,12 +211,3 @@ def encode_completion(tokenizer: Any, prompt: str, target: str) -> tuple[list[in
     if not t_ids:
         raise FactError(f"target {target!r} tokenises to nothing")
     return p_ids, t_ids
-
-
-def facts_from_json(path: str) -> list[Fact]:
-    """Load a JSON list of fact mappings (the demo format)."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, Sequence):
-        raise FactError(f"{path}: expected a JSON list of facts")
-    return validate_facts(data)

@@ -6,6 +6,7 @@ Run::
     python -m properties.fire_rate --n 10000 --gamma 0.6 0.65 --passages 0:2576   # calibrated on the rest
     python -m properties.fire_rate --n 100000 --fill generated --device cuda
     python -m properties.fire_rate --facts my_facts.json --text my_text.txt --calibrate no
+    neuraldb -v fire-rate --n 10000                      # the same report from the neuraldb command
 
 Firing depends on keys only, so no residual is optimised: the store holds each fact's key
 (computed as ``neuraldb.edit`` computes it, same context templates and ``bare_weight``)
@@ -445,9 +446,8 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m properties.fire_rate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_fire_rate_arguments(ap: argparse.ArgumentParser) -> None:
+    """The report's options (``python -m properties.fire_rate`` and ``neuraldb fire-rate``)."""
     ap.add_argument("--facts", default="counterfact",
                     help="facts file (CounterFact ROME/MEND, zsRE MEND, JSON list of facts) or a name: "
                          "counterfact, counterfact-train, counterfact-rome, zsre, generated[:seed]")
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="unrelated text: a file (one passage a line, or JSONL with 'text'), or 'glue' for the GLUE "
                          "validation sentences of the data dir (default: LAMBADA)")
     ap.add_argument("--passages", default=None, help="START:END slice of the passages (default: all)")
-    ap.add_argument("--data-dir", default=None, help="shared data dir (default $NEURALDB_DATA_DIR or ../shared/data)")
+    ap.add_argument("--data-dir", default=None, help="data directory (default $NEURALDB_DATA_DIR; layout: docs/method.md, 'Data directory')")
     ap.add_argument("--gamma", type=float, nargs="+", default=[0.65], help="one or more gammas to measure")
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--bare-weight", type=float, default=0.5)
@@ -485,15 +485,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--worst", type=int, default=15)
     ap.add_argument("--json", default=None, help="also write the report as JSON here")
     ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
     if args.n is not None and not 1 <= args.n <= 1_000_000:
-        ap.error("--n must be between 1 and 1,000,000")
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+        raise ValueError("--n must be between 1 and 1,000,000")
+
+
+def run_fire_rate(args: argparse.Namespace) -> int:
+    """Measure, write ``--json`` and print the report; the exit code (``neuraldb fire-rate``)."""
+    _check_arguments(args)
     report = run(args)
     if args.json:  # first: a long run's figures survive whatever happens to the printing
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(render(report))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m properties.fire_rate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_fire_rate_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        _check_arguments(args)
+    except ValueError as exc:
+        ap.error(str(exc))
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    return run_fire_rate(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""The core stands alone: ``import neuraldb`` imports no ``evals``/``properties`` module, the
+command line names its sub-commands in one table of lazy ``"module:function"`` targets, and a
+sub-command whose module cannot be imported fails loudly (and only that one)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuraldb import cli
+
+REPO = Path(__file__).resolve().parents[1]
+OUTSIDE_THE_CORE = ("evals", "properties")
+
+# Where neuraldb/ may name evals or properties (file, enclosing function or assignment target).
+ALLOWED = {
+    ("__init__.py", "evaluate"),  # the documented façades: import inside the function body
+    ("__init__.py", "gate"),
+    ("__init__.py", "save_release"),
+    ("__init__.py", "load_release"),
+    ("cli.py", "COMMANDS"),  # the sub-command registration table
+    ("cli.py", "_load_facts"),  # `neuraldb edit --facts` reading a CounterFact/ZsRE file
+}
+
+_PROBE = """
+import importlib, json, pkgutil, sys
+import neuraldb
+for name in neuraldb._LAZY:                      # every lazy attribute
+    getattr(neuraldb, name)
+for mod in pkgutil.iter_modules(neuraldb.__path__):   # every module of the package
+    importlib.import_module("neuraldb." + mod.name)
+from neuraldb import cli
+try:
+    cli.main(["--help"])
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("evals", "properties"))))
+"""
+
+
+def _outside(name: str | None) -> bool:
+    return bool(name) and name.split(".")[0] in OUTSIDE_THE_CORE
+
+
+def test_import_neuraldb_imports_no_evals_or_properties():
+    code = ('import neuraldb, sys\n'
+            'assert not any(m == "evals" or m.startswith(("evals.", "properties")) for m in sys.modules), '
+            'sorted(m for m in sys.modules if m.startswith(("evals", "properties")))\n')
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_core_module_nor_the_help_imports_evals_or_properties():
+    """Every neuraldb module and lazy attribute imported, and ``neuraldb --help`` printed."""
+    done = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.strip().splitlines()
+    assert json.loads(out[-1]) == [], out[-1]
+    assert all(name in done.stdout for name in cli.COMMANDS)
+
+
+def _enclosing_names(tree: ast.Module) -> dict[ast.AST, str]:
+    """Node -> the name of the top-level function, class or assignment it sits in."""
+    owner: dict[ast.AST, str] = {}
+    for top in tree.body:
+        if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = top.name
+        elif isinstance(top, ast.Assign) and isinstance(top.targets[0], ast.Name):
+            name = top.targets[0].id
+        elif isinstance(top, ast.AnnAssign) and isinstance(top.target, ast.Name):
+            name = top.target.id
+        else:
+            name = "<module>"
+        for node in ast.walk(top):
+            owner[node] = name
+    return owner
+
+
+def _mentions(tree: ast.Module) -> list[tuple[ast.AST, str]]:
+    """Imports of evals/properties, import_module/__import__ calls on them, and module-path strings."""
+    found = []
+    dotted = re.compile(r"(evals|properties)(\.\w+)*(:\w+)?")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node, f"import {a.name}") for a in node.names if _outside(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and _outside(node.module):
+            found.append((node, f"from {node.module} import ..."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and dotted.fullmatch(node.value):
+            found.append((node, f"the string {node.value!r}"))
+    return found
+
+
+def test_import_graph_core_names_evals_only_in_the_facades_and_the_command_table():
+    offences, seen = [], set()
+    for path in sorted((REPO / "neuraldb").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        owner = _enclosing_names(tree)
+        for node, what in _mentions(tree):
+            where = (path.name, owner.get(node, "<module>"))
+            if where in ALLOWED:
+                seen.add(where)
+            else:
+                offences.append(f"neuraldb/{path.name}:{node.lineno} ({where[1]}): {what}")
+    assert not offences, "the core names evals/properties outside its façades and COMMANDS:\n" + "\n".join(offences)
+    assert {w for w in ALLOWED if w[1] != "_load_facts"} <= seen  # the test still sees what it allows
+
+
+def test_the_facades_are_functions_that_import_evals_when_called(tmp_path):
+    import inspect
+
+    import neuraldb
+
+    for name, module in (("evaluate", "evals.evaluate"), ("gate", "evals.gate"),
+                         ("save_release", "evals.release"), ("load_release", "evals.release")):
+        facade = getattr(neuraldb, name)
+        assert inspect.isfunction(facade) and facade.__module__ == "neuraldb", name
+        assert name in neuraldb.__all__ and module in facade.__doc__, name
+    with pytest.raises(Exception) as exc:  # reaches evals.release.load_release
+        neuraldb.load_release(tmp_path / "missing")
+    assert type(exc.value).__module__.startswith("evals") and "missing" in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- the command table
+
+
+@pytest.fixture
+def broken_module(tmp_path, monkeypatch):
+    """A module that raises ImportError when imported, importable as ``neuraldb_broken_cmd``."""
+    (tmp_path / "neuraldb_broken_cmd.py").write_text(
+        "raise ImportError(\"cannot import name 'Policy' from 'evals.policy' (simulated breakage)\")\n")
+    (tmp_path / "neuraldb_needs_dependency.py").write_text("import neuraldb_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("neuraldb_broken_cmd", "neuraldb_needs_dependency"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return "neuraldb_broken_cmd"
+
+
+def test_a_broken_subcommand_fails_loudly_and_help_still_lists_it(broken_module, monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "gate", cli.Command("decide whether a store may be released",
+                                                          f"{broken_module}:add_gate_arguments",
+                                                          f"{broken_module}:run_gate"))
+    assert cli.main(["gate", "--report", "r.json"]) == cli.EXIT_NOT_LOADED == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "simulated breakage" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("neuraldb gate: error:") and broken_module in last and "ImportError" in last, last
+    assert cli.main(["-v", "gate", "--help"]) == 3  # its own help needs its module: loud too
+    assert broken_module in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name, command in cli.COMMANDS.items():
+        assert re.search(rf"^\s+{re.escape(name)}\s", out, re.M), f"--help does not list {name}:\n{out}"
+    assert "decide whether a store may be released" in out
+
+    with pytest.raises(SystemExit) as exc:  # the other sub-commands still work
+        cli.main(["compare", "--help"])
+    assert exc.value.code == 0 and "neuraldb compare" in capsys.readouterr().out
+
+
+def test_a_missing_function_or_dependency_is_named(broken_module, monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "study", cli.Command("s", "neuraldb.cli:_add_demo_arguments",
+                                                           "neuraldb.cli:no_such_function"))
+    assert cli.main(["study"]) == 3
+    assert "neuraldb.cli has no function 'no_such_function'" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "study", cli.Command("s", "neuraldb_needs_dependency:add",
+                                                           "neuraldb_needs_dependency:run"))
+    assert cli.main(["study"]) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ModuleNotFoundError" in last and "neuraldb_no_such_dependency" in last and "neuraldb[eval]" in last
+
+
+def test_every_registered_subcommand_loads_and_parses_its_help(capsys):
+    for name in cli.COMMANDS:
+        add_arguments, run = cli.load_command(name)
+        assert callable(run), name
+        parser = cli.build_parser(name)
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0, name
+        assert f"neuraldb {name}" in capsys.readouterr().out
+
+
+def test_harness_subcommand_runs_lm_evals_command_line(tmp_path, capsys):
+    assert cli.main(["harness", "--", "--help"]) == 0
+    assert "lm-eval" in capsys.readouterr().out
+    assert cli.main(["harness", "--data_dir", str(tmp_path / "missing"), "--", "--tasks", "sciq"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_fire_rate_subcommand_checks_its_arguments(capsys):
+    assert cli.main(["fire-rate", "--n", "0"]) == 2
+    assert "--n must be between 1 and 1,000,000" in capsys.readouterr().err
+    from properties.fire_rate import main as fire_rate_main
+
+    with pytest.raises(SystemExit) as exc:  # `python -m properties.fire_rate`: argparse's usage error
+        fire_rate_main(["--n", "0"])
+    assert exc.value.code == 2
