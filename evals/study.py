@@ -14,7 +14,7 @@ size and reader the first ``eval_cases`` edited cases are evaluated with
 ``neuraldb.evaluate`` (ES / PS / NS, and the general tasks with a small limit),
 pre and post, with every fact of that size in the store. The linear reader writes
 the same keys and residuals into the layer's weight in closed form (MEMIT,
-METHOD.md section 7) with ``C0`` estimated on LAMBADA passages. The calibrated reader is
+docs/method.md, 'Linear reader') with ``C0`` estimated on LAMBADA passages. The calibrated reader is
 the gated store with per-key thresholds (``NeuralDB.calibrate``, margin 0.05) fitted
 on the last ``calib_texts`` LAMBADA passages, which the general tasks never sample. Results:
 ``study.json``, ``study.md`` and ``study.png`` in ``output_dir``; each (size, reader)

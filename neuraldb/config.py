@@ -6,7 +6,7 @@ Example::
     db = neuraldb.edit(model, tok, facts, config=cfg)
     cfg.to_dict()          # written into every store and report
 
-Defaults follow METHOD.md sections 2-3 (ROME/MEMIT's compute_z and compute_ks).
+Defaults follow docs/method.md, 'Keys' and 'Residuals' (ROME/MEMIT's compute_ks and compute_z).
 Items marked (inferred) are reconstructions of what the paper leaves unstated.
 Environment (device, paths) never lives here.
 """

@@ -5,7 +5,7 @@ Example::
     templates = context_templates(model, tok, prefixes=("The", "Because"), length=10)
     keys = compute_keys(model, tok, facts, layer=10, templates=templates)   # (n_facts, d_ff)
 
-A key is averaged over context templates (METHOD.md section 2): the bare
+A key is averaged over context templates (docs/method.md, 'Keys'): the bare
 prompt, and short texts the model itself generated followed by ". {prompt}".
 MEMIT averages within each group, then across the two groups
 (``bare_weight``). A bare prompt whose subject ends on token 0 (the

@@ -1,4 +1,4 @@
-"""The linear reading of the same store (the paper's baseline, METHOD.md section 7).
+"""The linear reading of the same store (the paper's baseline, docs/method.md, 'Linear reader').
 
 Example::
 

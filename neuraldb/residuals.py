@@ -5,7 +5,7 @@ Example::
     res, info = compute_residuals(model, tok, facts, layer=10, templates=templates,
                                   config=EditConfig())        # res (n_facts, d_model)
 
-METHOD.md section 3 (ROME/MEMIT ``compute_z``): optimise ``delta`` added to the
+docs/method.md, 'Residuals' (ROME/MEMIT ``compute_z``): optimise ``delta`` added to the
 output hidden state of layer ``l`` at the subject's last token, on every
 context template x prompt followed by ``target_new[:-1]``::
 

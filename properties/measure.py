@@ -44,11 +44,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("NEURALDB_DATA_DIR", SHARED_DATA))
+    """``$NEURALDB_DATA_DIR`` (laid out as in docs/method.md, 'Data directory'); an error naming
+    the fix when it is not set (pass ``data_dir=`` / ``--data-dir`` instead)."""
+    path = os.environ.get("NEURALDB_DATA_DIR")
+    if not path:
+        raise FileNotFoundError("no data directory: set NEURALDB_DATA_DIR or pass data_dir= / --data-dir "
+                                "(a folder laid out as in docs/method.md, 'Data directory')")
+    return Path(path)
 
 
 def default_cache_dir() -> Path:

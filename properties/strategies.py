@@ -41,7 +41,7 @@ SYLLABLES = (
 
 # Relation templates ("{}" is the subject) and plausible targets; the subject is followed by a
 # space or punctuation so its last token ends inside it. Subjects at position 0 of the bare prompt
-# (the first four) are the known source of false fires (METHOD.md section 8), so they come first:
+# (the first four) are the known source of false fires (docs/method.md, 'False fires on SmolLM2'), so they come first:
 # examples shrink towards them.
 RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("{} is located in the country of", ("France", "Japan", "Brazil", "Kenya", "Canada", "India")),

@@ -136,14 +136,14 @@ def test_unrelated_prompts_leave_the_model_bit_identical(smollm2, templates, poo
 
 
 def test_naive_gate_is_caught_firing_on_unrelated_text(smollm2, naive_pool, pool, passages):
-    """The failure class of METHOD.md section 8: keys averaged with a bare prompt that starts
+    """The failure class of docs/method.md, 'False fires on SmolLM2': keys averaged with a bare prompt that starts
     with the subject fire on common tokens of unrelated text under the global gamma alone.
     The check above finds it; per-key calibration removes it on the same text."""
     model, tok = smollm2
     texts = passages[:48]
     n_naive, where = fires_on(naive_pool, model, tok, texts)
     n_fixed, where_fixed = fires_on(pool, model, tok, texts)
-    assert n_naive > 0, "the naive gate no longer fires on LAMBADA: update METHOD.md section 8"
+    assert n_naive > 0, "the naive gate no longer fires on LAMBADA: update docs/method.md, 'False fires on SmolLM2'"
     assert n_fixed < n_naive, where_fixed[:5]
 
 

@@ -3,10 +3,10 @@
 Example::
 
     from evals.tasks import SIX_TASKS, offline_include_path
-    include = offline_include_path("/work/shared/data")     # -> ~/.cache/neuraldb/lm_eval_tasks/<key>
+    include = offline_include_path(os.environ["NEURALDB_DATA_DIR"])   # -> ~/.cache/neuraldb/lm_eval_tasks/<key>
     TaskManager(include_path=str(include)).load(list(SIX_TASKS))
 
-The six tasks of NeuralDB's general-ability evaluation (METHOD.md section 5) are lm-eval's own
+The six tasks of NeuralDB's general-ability evaluation (docs/method.md, 'General tasks') are lm-eval's own
 task definitions. Online (no data dir) they are used as they are and read the hub. Offline,
 :func:`offline_include_path` renders the templates beside this file (``offline_*.yaml``) into an
 include path: each rendered YAML ``include:``-s the built-in definition by absolute path and
@@ -85,7 +85,7 @@ def _check_data_files(files: dict[str, str], data_dir: Path) -> None:
                  for p, t in sorted(missing.items())]
         raise FileNotFoundError(
             f"the data directory {data_dir} lacks files the offline tasks read:\n" + "\n".join(lines)
-            + "\nlay it out like /work/shared/data (see each folder's SOURCE.md), or pass data_dir=None "
+            + "\nlay it out as in docs/method.md, 'Data directory', or pass data_dir=None "
             "to read the tasks from the Hugging Face hub"
         )
 
