@@ -45,7 +45,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     p.add_argument("--edit-batch-size", type=int, default=128, help="facts optimised together when editing (default 128)")
     p.add_argument("--metrics", nargs="+", default=None,
-                   help="metric names, space or comma separated (default: all of the dataset's)")
+                   help="metric names, space or comma separated (default: all of the dataset's standard ones); "
+                        "opt-in CounterFact metrics: mentions, chat_efficacy, chat_generalization")
     p.add_argument("--general-tasks", default=None, help="'all' or a comma list: mmlu,sciq,commonsense_qa,...")
     p.add_argument("--general-limit", type=int, default=None, help="examples per general task")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -76,15 +77,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from evals.datasets import editable_cases
     import neuraldb
     from evals import report as rep
-    from evals.evaluate import METRICS, check_general_tasks, evaluate
+    from evals.evaluate import EXTRA_METRICS, METRICS, check_general_tasks, evaluate
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     metrics = _csv(",".join(args.metrics)) if args.metrics else None
     kind = args.dataset.lower()
-    if metrics and kind in METRICS and set(metrics) - set(METRICS[kind]):
-        raise ValueError(f"unknown {kind} metric(s) {sorted(set(metrics) - set(METRICS[kind]))}; "
-                         f"choose from {list(METRICS[kind])}")
+    known = [*METRICS.get(kind, {}), *EXTRA_METRICS.get(kind, {})]
+    if metrics and kind in METRICS and set(metrics) - set(known):
+        raise ValueError(f"unknown {kind} metric(s) {sorted(set(metrics) - set(known))}; choose from {known}")
     check_general_tasks(args.general_tasks)  # before hours of editing
     out = Path(args.output_dir) if args.output_dir else None
     t0 = time.perf_counter()

@@ -24,6 +24,11 @@ each prompt group. Metrics (names shared by both datasets, then extras):
 * zsRE: ``efficacy``, ``generalization``, ``specificity`` as teacher-forced top-1 token
   accuracy (specificity: the NQ question against its gold answer).
 
+Opt-in CounterFact metrics (``EXTRA_METRICS``, computed only when named): ``mentions`` (ES and
+gate recall per kind of mention variant, :mod:`evals.metrics.mentions`) and ``chat_efficacy`` /
+``chat_generalization`` (the prompt as a chat question, greedy answer judged by containment,
+:mod:`evals.metrics.chat`; skipped with the reason when the tokenizer has no chat template).
+
 Report values are in the paper's units: percent for rates and magnitudes, x100 for fluency
 and consistency; per-case values in ``report["cases"]`` are raw (fractions, entropies).
 Intervals and tests are those of :mod:`evals.report` (Wilson / exact McNemar for one yes/no
@@ -67,6 +72,8 @@ from tqdm.auto import tqdm
 
 from evals import report as rep
 from evals.datasets import EvalCase, EvalCases, LoadReport, load_any, load_counterfact, load_zsre
+from evals.metrics import chat as chat_metric
+from evals.metrics import mentions as mention_metric
 from evals.metrics.consistency import consistency_scores, load_tfidf_reference
 from evals.metrics.counterfact import counterfact_scores
 from evals.metrics.fluency import fluency_scores, word_tokenizer_name
@@ -74,8 +81,8 @@ from evals.metrics.tokens import call_model, eval_mode, model_device, pad_id
 from evals.metrics.zsre import zsre_scores
 from neuraldb.hook import detached
 
-__all__ = ["METRICS", "MetricSpec", "SCHEMA", "check_general_tasks", "evaluate", "resolve_tokenizer", "select_cases",
-           "store_digest"]
+__all__ = ["EXTRA_METRICS", "METRICS", "MetricSpec", "SCHEMA", "check_general_tasks", "evaluate", "resolve_tokenizer",
+           "select_cases", "store_digest"]
 
 log = logging.getLogger(__name__)
 SCHEMA = "neuraldb.evaluate/1"
@@ -108,6 +115,20 @@ METRICS: dict[str, dict[str, MetricSpec]] = {
         MetricSpec("specificity", _RATE, 100, "token accuracy of the NQ gold answer after the NQ question"),
     )},
 }
+# computed only when asked for by name (not in the default "all of the dataset's")
+EXTRA_METRICS: dict[str, dict[str, MetricSpec]] = {
+    "counterfact": {m.name: m for m in (
+        MetricSpec("mentions", _RATE, 100, "ES (P(new) > P(true)) over mention variants of the edit prompt and "
+                   "paraphrases (lower-cased article, mid-sentence, possessive, quoted, article dropped, question); "
+                   "per kind with gate recall in the mentions section"),
+        MetricSpec("chat_efficacy", _RATE, 100, "the edit prompt as a chat question (chat template, greedy, 16 "
+                   "tokens): the answer contains target_new and not target_true"),
+        MetricSpec("chat_generalization", _RATE, 100, "the same for the paraphrases"),
+    )},
+    "zsre": {},
+}
+CHAT_METRICS = ("chat_efficacy", "chat_generalization")
+CHAT_TOKENS = 16
 _CF_GROUPS = {"rewrite": ("efficacy", "efficacy_magnitude"), "paraphrase": ("generalization", "generalization_magnitude"),
               "neighborhood": ("specificity", "specificity_magnitude")}
 _CONSISTENCY_FILES = ("attribute_snippets", "idf", "tfidf_vocab")
@@ -204,9 +225,9 @@ def _kind(cases: Sequence[EvalCase]) -> str:
 
 
 def _select_metrics(kind: str, metrics: Sequence[str] | str | None) -> list[str]:
-    known = METRICS[kind]
     if metrics is None:
-        return list(known)
+        return list(METRICS[kind])
+    known = METRICS[kind] | EXTRA_METRICS.get(kind, {})
     if isinstance(metrics, str):
         metrics = [m for m in metrics.replace(",", " ").split() if m]
     unknown = [m for m in metrics if m not in known]
@@ -422,7 +443,8 @@ def _reduced(case: EvalCase, plan: _Plan) -> EvalCase:
     fact = case.fact
     if plan.kind == "counterfact":
         fact = dataclasses.replace(
-            fact, paraphrases=fact.paraphrases if m & set(_CF_GROUPS["paraphrase"]) else (),
+            fact, paraphrases=fact.paraphrases if m & {*_CF_GROUPS["paraphrase"], "mentions", "chat_generalization"}
+            else (),
             neighborhood=fact.neighborhood if m & set(_CF_GROUPS["neighborhood"]) else ())
         gen = case.generation_prompts[: plan.generation_prompts] if plan.generation_prompts is not None else case.generation_prompts
         return dataclasses.replace(case, fact=fact, generation_prompts=gen)
@@ -466,9 +488,35 @@ def _score(model: Any, tok: Any, cases: Sequence[EvalCase], plan: _Plan, referen
                 out[k]["values"]["consistency"] = None
             out[k]["texts"] = list(f.texts)
         timings[f"{phase}_generation"] = timings.get(f"{phase}_generation", 0.0) + time.perf_counter() - t0
+    _score_extras(model, tok, cases, plan, out, timings, phase)
     for o in out:
         o["values"] = {k: v for k, v in o["values"].items() if k in plan.metrics}
     return out
+
+
+def _score_extras(model: Any, tok: Any, cases: Sequence[EvalCase], plan: _Plan, out: list[dict[str, Any]],
+                  timings: dict[str, float], phase: str) -> None:
+    """The opt-in metrics (``EXTRA_METRICS``) into ``out``: mentions ES per kind (the gate recall is added
+    with the store attached, see ``evaluate``), chat answers (None when the tokenizer has no chat template)."""
+    if "mentions" in plan.metrics:
+        t0 = time.perf_counter()
+        for o, m in zip(out, mention_metric.mention_scores(model=model, tokenizer=tok, cases=cases,
+                                                           batch_size=plan.batch_size)):
+            o["values"]["mentions"] = m
+        timings[f"{phase}_mentions"] = timings.get(f"{phase}_mentions", 0.0) + time.perf_counter() - t0
+    if set(CHAT_METRICS) & set(plan.metrics):
+        if chat_metric.missing_chat_template(tok) is not None:
+            for o in out:
+                o["values"].update(dict.fromkeys(CHAT_METRICS))
+            return
+        t0 = time.perf_counter()
+        results = chat_metric.chat_scores(model=model, tokenizer=tok, cases=cases, max_new_tokens=CHAT_TOKENS,
+                                          batch_size=plan.batch_size,
+                                          paraphrases="chat_generalization" in plan.metrics)
+        for o, r in zip(out, results):
+            o["values"].update({"chat_efficacy": r.efficacy, "chat_generalization": r.generalization})
+            o["detail"]["chat"] = [list(a) for a in r.answers]
+        timings[f"{phase}_chat"] = timings.get(f"{phase}_chat", 0.0) + time.perf_counter() - t0
 
 
 def _gate_prompts(case: EvalCase, texts: Sequence[str] | None) -> dict[str, list[str]]:
@@ -529,6 +577,7 @@ def _gate(model: Any, tok: Any, db: Any, cases: Sequence[EvalCase], texts: Seque
 
 def _metric_kind(kind: str, name: str, cases: Sequence[EvalCase]) -> str:
     """'proportion' when every case contributes exactly one yes/no outcome (CounterFact rates)."""
+    name = {"chat_efficacy": "efficacy", "chat_generalization": "generalization"}.get(name, name)
     if kind != "counterfact" or name not in ("efficacy", "generalization", "specificity"):
         return "mean"
     count = {"efficacy": lambda c: 1, "generalization": lambda c: len(c.fact.paraphrases),
@@ -537,13 +586,21 @@ def _metric_kind(kind: str, name: str, cases: Sequence[EvalCase]) -> str:
 
 
 def _summarize_metrics(kind: str, metrics: Sequence[str], cases: Sequence[EvalCase],
-                       records: Sequence[Mapping[str, Any]], confidence: float, reference_paths: Any) -> dict[str, Any]:
+                       records: Sequence[Mapping[str, Any]], confidence: float, reference_paths: Any,
+                       chat_skip: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in metrics:
-        spec = METRICS[kind][name]
+        spec = (METRICS[kind] | EXTRA_METRICS.get(kind, {}))[name]
         base = {"unit": spec.unit, "scale": spec.scale, "description": spec.description}
         pre = [r["pre"].get(name) for r in records]
         post = [r["post"].get(name) for r in records]
+        if name in CHAT_METRICS and chat_skip is not None:
+            out[name] = base | {"skipped": True, "reason": chat_skip}
+            continue
+        if name == "mentions":
+            out[name] = base | mention_metric.summarize_mentions(pre=pre, post=post, confidence=confidence)
+            out[name]["interval"] = rep.T_METHOD + "; per kind: " + mention_metric.INTERVALS
+            continue
         if name == "consistency" and reference_paths is None:
             out[name] = base | {"skipped": True, "reason": (
                 "consistency needs ROME's attribute_snippets.json, idf.npy and tfidf_vocab.json "
@@ -560,6 +617,11 @@ def _summarize_metrics(kind: str, metrics: Sequence[str], cases: Sequence[EvalCa
             out[name]["word_tokenizer"] = word_tokenizer_name()
         if name == "consistency":
             out[name]["files"] = reference_paths
+        if name in CHAT_METRICS:
+            answers = {p: [(r.get("detail") or {}).get(p, {}).get("chat") for r in records] for p in ("pre", "post")}
+            out[name] |= chat_metric.summary_extras(name=name, pre=answers["pre"], post=answers["post"],
+                                                    max_new_tokens=CHAT_TOKENS)
+            out[name]["examples"] = chat_metric.examples(cases=records)
     return out
 
 
@@ -615,7 +677,7 @@ def evaluate(
         dataset: "counterfact", "zsre" (read from ``data_dir`` / ``$NEURALDB_DATA_DIR``,
             ``split``), a path to a CounterFact/zsRE file, or a list of ``EvalCase``.
         limit: evaluate at most this many cases (the first ones).
-        metrics: names (see ``METRICS``); default all of the dataset's.
+        metrics: names (see ``METRICS`` and the opt-in ``EXTRA_METRICS``); default all of ``METRICS``.
         only_stored: evaluate only the cases whose ``fact.id`` is in the store (an error
             if none is). Default: True for a name or path, False for a list of cases.
         output_dir: makes the run resumable and receives report.json / report.md.
@@ -702,6 +764,14 @@ def evaluate(
                 db.reset_stats()
                 gate = _gate(model, tok, db, batch, [p.get("texts") for p in post], row_of, batch_size)
                 timings["gate"] = timings.get("gate", 0.0) + time.perf_counter() - t0
+                if "mentions" in plan.metrics:  # gate recall at the subject of each mention variant
+                    t0 = time.perf_counter()
+                    fired = mention_metric.mention_gate(model=model, tokenizer=tok, db=db, cases=reduced,
+                                                        batch_size=batch_size)
+                    for p, f in zip(post, fired):
+                        for variant_kind, g in f.items():
+                            p["values"]["mentions"][variant_kind].update(g)
+                    timings["mentions_gate"] = timings.get("mentions_gate", 0.0) + time.perf_counter() - t0
             finally:
                 db.detach()
             per_case_s = (time.perf_counter() - t_chunk) / len(batch)
@@ -741,7 +811,8 @@ def evaluate(
                                 "general_limit": general_limit,
                                 "output_dir": str(output_dir) if output_dir is not None else None,
                                 "data_dir": str(data_dir) if data_dir is not None else os.environ.get("NEURALDB_DATA_DIR")}},
-        "metrics": _summarize_metrics(kind, selected, cases, records, confidence, reference_paths),
+        "metrics": _summarize_metrics(kind, selected, cases, records, confidence, reference_paths,
+                                      chat_skip=chat_metric.missing_chat_template(tok)),
         "gate": _summarize_gate(db, records, confidence),
         "general": general,
         "cases": records,

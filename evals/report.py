@@ -41,8 +41,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "SECTIONS", "clean_json", "compare_reports", "format_value", "load_report", "mean_ci", "paired_test",
-    "proportion_ci", "render_comparison", "render_config", "render_data", "render_gate", "render_general",
-    "render_header", "render_markdown", "render_metrics", "render_samples", "render_text", "render_timings",
+    "proportion_ci", "render_chat", "render_comparison", "render_config", "render_data", "render_gate",
+    "render_general", "render_header", "render_markdown", "render_mentions", "render_metrics", "render_samples",
+    "render_text", "render_timings",
     "summarize_metric", "write_json", "write_report",
 ]
 
@@ -395,9 +396,61 @@ def render_timings(report: Mapping[str, Any]) -> str:
     return "## Timings (seconds)\n\n" + _table(["phase", "s"], [[k, format_value(v, 1)] for k, v in t.items()])
 
 
+def render_mentions(report: Mapping[str, Any]) -> str:
+    """Per kind of mention variant (metric ``mentions``): ES pre/post and the gate's recall (post)."""
+    m = (report.get("metrics") or {}).get("mentions")
+    if not m or m.get("skipped"):
+        return ""
+    rows = []
+    for kind, k in (m.get("kinds") or {}).items():
+        es = k.get("es") or {}
+        rows.append([kind, str(k.get("cases", 0)), str(k.get("prompts", 0)), str(k.get("not_applicable", 0)),
+                     _with_ci(es.get("pre")), _with_ci(es.get("post")), _with_ci(es.get("difference"), signed=True),
+                     _p((es.get("test") or {}).get("p_value")), _with_ci(k.get("gate_recall")),
+                     _with_ci(k.get("fired_any"))])
+    rule = m.get("kinds_rule") or {}
+    return ("## Mention variants (teacher-forced ES %, gate recall % with the store attached)\n\n" + _table(
+        ["kind", "cases", "variants", "not applicable", "ES pre", "ES post", "post - pre", "p",
+         "gate recall (own fact)", "fired (any fact)"], rows)
+        + "\n\nVariants of the edit prompt and the paraphrases that contain the subject: lower-cased leading "
+        f"article, {rule.get('mid_prefix', '')!r} before a sentence-initial subject, possessive (only from "
+        "'The <noun> of <subject>' sentences), quoted, article dropped, 'Question: <text>? Answer:'. Gate "
+        "recall: the gate fired at the subject's last token and retrieved the case's own fact. "
+        f"Intervals: {m.get('interval', '')}.")
+
+
+def render_chat(report: Mapping[str, Any]) -> str:
+    """Teacher-forced ES/PS next to the chat (generated) figures, with a few answers."""
+    metrics = report.get("metrics") or {}
+    pairs = [(a, b) for a, b in (("efficacy", "chat_efficacy"), ("generalization", "chat_generalization"))
+             if b in metrics]
+    if not pairs:
+        return ""
+    text = "## Teacher-forced vs generated (chat)\n\n"
+    skipped = [metrics[b].get("reason", "") for _, b in pairs if metrics[b].get("skipped")]
+    if skipped:
+        return text + f"Chat metrics skipped: {skipped[0]}"
+    rows = []
+    for a, b in pairs:
+        tf, ch = metrics.get(a) or {}, metrics[b]
+        post_v = (ch.get("verdicts") or {}).get("post") or {}
+        rows.append([f"{a} / {b}", _with_ci(tf.get("pre")), _with_ci(tf.get("post")), _with_ci(ch.get("pre")),
+                     _with_ci(ch.get("post")), ", ".join(f"{k} {v}" for k, v in post_v.items())])
+    text += _table(["metric (teacher-forced / chat)", "teacher-forced pre", "teacher-forced post", "chat pre",
+                    "chat post", "post answers by verdict"], rows)
+    first = metrics[pairs[0][1]]
+    text += (f"\n\nChat: user message {first.get('question', '')!r}, the chat template with the generation "
+             f"prompt, {first.get('decoding', 'greedy')}, at most {first.get('max_new_tokens', '?')} new tokens; "
+             f"success = {first.get('judge', '')} (case-insensitive whole words, punctuation ignored).")
+    for ex in first.get("examples") or []:
+        shown = [f"{ph}: {r[1]!r} ({r[2]})" for ph, r in (("pre", ex.get("pre")), ("post", ex.get("post"))) if r]
+        text += f"\n- `{ex.get('fact_id')}` " + "; ".join(shown)
+    return text
+
+
 SECTIONS: list[Callable[[Mapping[str, Any]], str]] = [
-    render_header, render_metrics, render_gate, render_general, render_samples, render_data, render_timings,
-    render_config,
+    render_header, render_metrics, render_chat, render_mentions, render_gate, render_general, render_samples,
+    render_data, render_timings, render_config,
 ]
 
 
