@@ -38,6 +38,9 @@ _LAZY = {
     "context_templates": ".keys",
     "compute_residuals": ".residuals",
     "subject_words": ".words",
+    "mention_positions": ".words",
+    "detached": ".hook",
+    "UnreachableFactError": ".reach",
     "load_model": ".models",
 }
 

@@ -109,6 +109,14 @@ def load_command(name: str) -> tuple[Callable[[argparse.ArgumentParser], None], 
     return found[0], found[1]
 
 
+def _says(answer: str, target: str) -> bool:
+    """The demo's judge: the answer, less a leading article, starts with the target ("a footballer" says football)."""
+    words = answer.lower().split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words).startswith(target.lower())
+
+
 def _generate(model: Any, tok: Any, prompts: Sequence[str], n: int = 4) -> list[str]:
     import torch
 
@@ -170,15 +178,17 @@ def _run_demo(args: argparse.Namespace) -> int:
     for kind, ps, b, a, targets in rows:
         print(f"\n{kind} prompts{'':<{width - len(kind) - 8}} | before -> after")
         for p, x, y, t in zip(ps, b, a, targets):
-            mark = "" if t is None else ("  ok" if y.lower().startswith(t.lower()) else "  (target: " + t + ")")
+            mark = "" if t is None else ("  ok" if _says(y, t) else "  (target: " + t + ")")
             print(f"  {p:<{width}} | {x!r} -> {y!r}{mark}")
-    hit = sum(a.lower().startswith(f.target_new.lower()) for a, f in zip(after[:n], facts))
+    hit = sum(_says(a, f.target_new) for a, f in zip(after[:n], facts))
+    para = [(a, f.target_new) for a, f in zip(after[n : 2 * n], facts)]
     print(
         f"\nstore: {len(db)} facts at layer {db.layer} ({db.module_name(model)}), gamma {db.gamma}, "
         f"{db.keys.numel() + db.residuals.numel():,} numbers ({(db.keys.numel() + db.residuals.numel()) * 4 / 1e6:.2f} MB fp32); "
         f"edit took {edit_s:.1f} s ({edit_s / max(n, 1):.1f} s/fact)"
     )
     print(f"edited prompts now giving the new target: {hit}/{n}")
+    print(f"paraphrase prompts now giving the new target: {sum(_says(a, t) for a, t in para)}/{len(para)}")
     print(f"gate: {stats['fires']} fires over {stats['positions']} gated positions during the demo generations")
     print(f"unrelated prompts bit-identical with the store attached: {same}")
     if args.save:

@@ -32,6 +32,7 @@ from .config import EditConfig
 from .hook import detached
 from .facts import Fact, validate_facts
 from .keys import compute_keys, context_templates
+from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
@@ -82,6 +83,28 @@ def _stored_by_subject(db: NeuralDB) -> dict[str, list[Fact]]:
     return out
 
 
+def _self_check(model: nn.Module, tokenizer: Any, db: NeuralDB, facts: Sequence[Fact], *, strict: bool,
+                batch_size: int) -> None:
+    """Record, then warn about (or with ``strict`` raise on) the facts whose own texts cannot fire them."""
+    found = find_unreached(model, tokenizer, db, facts, batch_size=batch_size)
+    for fid, texts in found.items():
+        record = db.facts.setdefault(fid, {})
+        record["edit"] = dict(record.get("edit") or {}, unreached=texts)
+    if not found:
+        return
+    lines = [f"  {fid}: {t['reason']}"
+             + (f" (cosine {t['cosine']} <= {t['threshold']})" if t["reason"] == "gate_shut" and "cosine" in t else "")
+             + f": {t['text']!r}" for fid, texts in found.items() for t in texts]
+    message = (f"{len(found)} of {len(facts)} edited facts cannot fire on their own prompt or a paraphrase "
+               f"(db.unreachable() lists them; reasons: neuraldb.reach):\n" + "\n".join(lines[:20])
+               + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))
+    if strict:
+        error = UnreachableFactError(message)
+        error.db = db  # type: ignore[attr-defined]  # nothing computed is lost
+        raise error
+    log.warning(message)
+
+
 def edit(
     model: nn.Module,
     tokenizer: Any,
@@ -92,6 +115,8 @@ def edit(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     progress: bool = True,
+    check: bool = True,
+    strict: bool = False,
 ) -> NeuralDB:
     """Compute a key and a residual for each fact; return the store (not attached).
 
@@ -103,6 +128,11 @@ def edit(
         checkpoint: a store file written every ``checkpoint_every`` batches; if
             it exists, the run resumes from it (its config must match).
         progress: show a tqdm progress bar.
+        check: after editing, run each new fact's prompt and paraphrases with the store
+            attached (up to the edited layer) and record every text that cannot fire the
+            fact (:mod:`neuraldb.reach`): a warning lists them, ``db.unreachable()`` returns them.
+        strict: raise :class:`~neuraldb.reach.UnreachableFactError` (with the finished store
+            as its ``db`` attribute) instead of warning.
     """
     config = config or EditConfig()
     facts = validate_facts(facts)
@@ -169,7 +199,8 @@ def edit(
                     rec = f.to_dict()
                     rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
                     records.append(rec)
-                words = subject_words(tokenizer, [f.subject for f in batch]) if config.word_check else None
+                words = (subject_words(tokenizer, [f.subject for f in batch], aliases=[f.aliases for f in batch])
+                         if config.word_check else None)
                 if words is not None and db.word_starts.numel() == 0:
                     db.word_starts = word_start_tokens(tokenizer)
                 db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
@@ -182,6 +213,8 @@ def edit(
             bar.close()
             if todo:
                 log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
+            if todo and (check or strict):
+                _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
         finally:
             model.train(was_training)
     return db

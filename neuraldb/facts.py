@@ -47,6 +47,9 @@ class Fact:
         paraphrases: full prompts (subject filled in) that should also give target_new.
         neighborhood: full prompts about other subjects that must keep target_true.
         id: stable identifier; derived from the content when not given.
+        meta: free-form record kept with the fact (e.g. the dataset's case id).
+        aliases: other names of the subject that should fire the edit too ("Obama" for
+            "Barack Obama"); the word check accepts them like the subject itself.
     """
 
     prompt: str
@@ -57,6 +60,7 @@ class Fact:
     neighborhood: tuple[str, ...] = ()
     id: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = _where(self.id or None)
@@ -68,7 +72,7 @@ class Fact:
             raise FactError(
                 f"{where}: field 'target_true' must be a string or None, got {type(self.target_true).__name__}"
             )
-        for name in ("paraphrases", "neighborhood"):
+        for name in ("paraphrases", "neighborhood", "aliases"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise FactError(f"{where}: field {name!r} must be a list of strings, not one string")
@@ -105,6 +109,7 @@ class Fact:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = list(self.neighborhood)
+        d["aliases"] = list(self.aliases)
         d["meta"] = dict(self.meta)
         return d
 

@@ -43,7 +43,7 @@ from .arch import ModelArch, resolve_arch
 from .hook import StoreHook, attached_reader, mark_attached
 from .nethook import get_module
 from .retrieval import LowRankScreen, top1, unit_rows
-from .words import NO_WORD, WORD_WIDTH, token_windows, word_match
+from .words import NO_FORM, NO_WORD, WORD_WIDTH, word_match
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "model_name"]
 
@@ -65,6 +65,21 @@ def layer_fingerprint(model: nn.Module, module_name: str) -> str:
 def model_name(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+
+def _same_forms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (N, F, width) and ``b`` (n, G, width) with as many forms each: the one with fewer
+    gets ``NO_FORM`` rows (forms that match nothing)."""
+    forms = max(a.shape[1], b.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] == forms:
+            return t
+        extra = torch.full((t.shape[0], forms - t.shape[1], t.shape[2]), NO_WORD, dtype=t.dtype)
+        extra[:, :, -1] = NO_FORM
+        return torch.cat([t, extra], dim=1)
+
+    return pad(a), pad(b)
 
 
 class NeuralDB:
@@ -119,7 +134,7 @@ class NeuralDB:
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
         self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
-        self.words = torch.full((0, 2, WORD_WIDTH), NO_WORD, dtype=torch.long)  # (N, 2, width); NO_WORD = no check
+        self.words = torch.full((0, 1, WORD_WIDTH), NO_WORD, dtype=torch.long)  # (N, F, width); NO_WORD = no check
         self._word_starts = torch.zeros(0, dtype=torch.bool)  # (vocab,) words.word_start_tokens of the tokenizer
         self.ids: list[str] = []
         self.facts: dict[str, dict[str, Any]] = {}
@@ -180,7 +195,7 @@ class NeuralDB:
         """Append facts. An id already in the store is an error (use :meth:`update`).
 
         ``thresholds`` (n,) are per-key gate thresholds (see :meth:`calibrate`); None = -inf.
-        ``words`` (n, 2, width) are the subjects' tokens
+        ``words`` (n, F, width) are the forms of the subjects' names
         (:func:`neuraldb.words.subject_words`); None = no word check for these facts.
         """
         ids = [str(i) for i in ids]
@@ -196,7 +211,7 @@ class NeuralDB:
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals])
         self.thresholds = torch.cat([self.thresholds, thresholds])
-        self.words = torch.cat([self.words, words])
+        self.words = torch.cat(_same_forms(self.words, words))
         for j, fid in enumerate(ids):
             self._index[fid] = start + j
             self.ids.append(fid)
@@ -263,7 +278,7 @@ class NeuralDB:
         k = self.keys[r : r + 1] if key is None else torch.as_tensor(key).reshape(1, -1)
         v = self.residuals[r : r + 1] if residual is None else torch.as_tensor(residual).reshape(1, -1)
         k, v = self._check_rows(k, v, 1)
-        w = None if words is None else self._check_words(torch.as_tensor(words).reshape(1, 2, -1), 1)
+        w = None if words is None else self._check_words(torch.as_tensor(words).reshape(1, -1, self.words.shape[2]), 1)
         if threshold is not None:
             self.thresholds[r] = self._check_thresholds([threshold], 1)[0]
         elif key is not None:
@@ -271,6 +286,7 @@ class NeuralDB:
         self.keys[r] = k[0]
         self.residuals[r] = v[0]
         if w is not None:
+            self.words, w = _same_forms(self.words, w)
             self.words[r] = w[0]
         if fact is not None:
             self.facts[fact_id] = dict(fact)
@@ -289,14 +305,24 @@ class NeuralDB:
     def _check_words(self, words: Any, n: int) -> torch.Tensor:
         width = self.words.shape[2]
         if words is None:
-            return torch.full((n, 2, width), NO_WORD, dtype=torch.long)
+            return torch.full((n, 1, width), NO_WORD, dtype=torch.long)
         w = torch.as_tensor(words).detach().to("cpu")
-        if w.dtype.is_floating_point or w.shape != (n, 2, width):
+        if w.dtype.is_floating_point or w.dim() != 3 or w.shape[0] != n or w.shape[1] < 1 or w.shape[2] != width:
             raise StoreError(
-                f"words must be integer token ids of shape ({n}, 2, {width}), got {w.dtype} {tuple(w.shape)}: "
+                f"words must be integer token ids of shape ({n}, forms, {width}), got {w.dtype} {tuple(w.shape)}: "
                 "build them with neuraldb.words.subject_words(tokenizer, subjects)"
             )
         return w.long().clone()
+
+    def unreachable(self) -> dict[str, list[dict[str, str]]]:
+        """``{fact_id: [{"text", "reason"}, ...]}``: the facts whose own prompt or paraphrases could
+        not fire them when they were edited (``neuraldb.edit``'s self-check, :mod:`neuraldb.reach`)."""
+        out = {}
+        for fid in self.ids:
+            texts = (self.facts.get(fid, {}).get("edit") or {}).get("unreached")
+            if texts:
+                out[fid] = list(texts)
+        return out
 
     @property
     def word_starts(self) -> torch.Tensor:
@@ -388,7 +414,7 @@ class NeuralDB:
                 "keys": unit_rows(self.keys.to(device)),  # (N, d_key)
                 "residuals": self.residuals.to(device),
                 "gate": self.gate_thresholds().to(device),  # (N,) max(gamma, thresholds)
-                "words": self.words.to(device),  # (N, 2, width)
+                "words": self.words.to(device),  # (N, F, width)
                 "starts": self.word_starts.to(device),  # (vocab,)
                 "checks": torch.tensor(bool(self.word_checked.any())),  # host flag, read once per change
             }

@@ -65,3 +65,14 @@ def test_encode_completion_adds_space(tiny_llama):
     p, t = encode_completion(tok, "the capital of france is", "paris")
     assert tok.convert_ids_to_tokens(t) == ["paris"]
     assert tok.convert_ids_to_tokens(p)[-1] == "is"
+
+
+def test_aliases_are_validated_kept_and_leave_the_id_alone():
+    base = Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya")
+    named = Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya", aliases=["Obama"])
+    assert named.aliases == ("Obama",) and named.id == base.id  # another name, the same fact
+    assert Fact.from_dict(named.to_dict()) == named
+    with pytest.raises(FactError, match="aliases"):
+        Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya", aliases="Obama")
+    with pytest.raises(FactError, match="aliases"):
+        Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya", aliases=[3])
