@@ -42,6 +42,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="data folder (default $NEURALDB_DATA_DIR)")
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the family's)")
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the store's / 0.65)")
+    p.add_argument("--no-word-check", dest="word_check", action="store_false",
+                   help="the paper's gate: no word check (when editing: EditConfig(word_check=False); with "
+                        "--store: the saved store's keys and residuals with its word check switched off)")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     p.add_argument("--edit-batch-size", type=int, default=128, help="facts optimised together when editing (default 128)")
     p.add_argument("--metrics", nargs="+", default=None,
@@ -96,6 +99,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         db = neuraldb.NeuralDB.load(args.store, model=model)
         if args.gamma is not None:
             db.gamma = args.gamma
+        if not args.word_check:
+            db.clear_words()
         dataset: Any = args.dataset
     else:
         dataset = _load_cases(args)
@@ -103,7 +108,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"note: only {len(dataset)} cases available ({dataset.report.summary()}); "
                   "a larger split may be --split train")
         kw = {} if args.gamma is None else {"gamma": args.gamma}
-        config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, **kw)
+        config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, word_check=args.word_check, **kw)
         dataset, unkeyable = editable_cases(dataset, tok, config)
         if unkeyable:
             print(f"note: {len(unkeyable)} fact(s) cannot be edited and are left out:\n  " + "\n  ".join(unkeyable))

@@ -314,6 +314,11 @@ class NeuralDB:
             )
         return w.long().clone()
 
+    def clear_words(self) -> None:
+        """Switch the word check off for every fact (the paper's gate on the same keys and residuals)."""
+        self.words = torch.full((len(self), 1, self.words.shape[2]), NO_WORD, dtype=torch.long)
+        self._changed(keep_stats=True)
+
     def unreachable(self) -> dict[str, list[dict[str, str]]]:
         """``{fact_id: [{"text", "reason"}, ...]}``: the facts whose own prompt or paraphrases could
         not fire them when they were edited (``neuraldb.edit``'s self-check, :mod:`neuraldb.reach`)."""

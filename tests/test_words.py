@@ -15,7 +15,7 @@ def smol_tok(smollm2):
 
 def matches(tok, starts, subject, text):
     """Per position of ``text``: does the window ending there spell ``subject``?"""
-    words = subject_words(tok, [subject])  # (1, 2, width)
+    words = subject_words(tok, [subject])  # (1, F, width)
     ids = torch.tensor([tok(text)["input_ids"]])
     win = token_windows(ids)[0]  # (seq, width)
     return word_match(words.expand(win.shape[0], -1, -1), win, starts).tolist()
@@ -99,6 +99,12 @@ def test_hook_fires_only_where_the_word_is(tiny_llama):
     absent, _ = store_with_position_keys(model, tok, text, subject_words(tok, ["old rome"] * n))  # not in the text
     with absent.attached(model):
         assert torch.equal(model(ids).logits, base) and absent.stats()["fires"] == 0
+    # clear_words (CLI --no-word-check on a saved store): the same keys with the paper's gate
+    absent.clear_words()
+    assert not absent.word_checked.any()
+    with absent.attached(model):
+        model(ids)
+        assert absent.last_fire_mask[0].tolist() == [False] + [True] * (n - 1)
 
 
 def test_word_check_sees_tokens_of_earlier_generation_steps(tiny_llama):
@@ -216,3 +222,16 @@ def test_a_new_generation_does_not_inherit_the_previous_ones_tokens(smollm2):
         db.reset_stats()
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.eos_token_id)
         assert db.stats()["fires"] >= 1 and int(db.fires_per_fact[0]) >= 1
+
+
+def test_a_leading_article_is_optional_only_where_the_rest_is_distinctive(smol_tok):
+    from neuraldb.words import name_variants
+
+    assert name_variants("The Eiffel Tower") == ["The Eiffel Tower", "the Eiffel Tower", "Eiffel Tower"]
+    assert name_variants("an  Apple") == ["an Apple", "An Apple"]  # one word, no tokenizer: the article stays
+    assert name_variants("The Who", smol_tok) == ["The Who", "the Who"]  # " Who" is one token: a common word
+    assert name_variants("The Dustbinmen", smol_tok)[-1] == "Dustbinmen"  # several tokens: a rare word
+    assert name_variants("Barack Obama", smol_tok) == ["Barack Obama"]
+    starts = word_start_tokens(smol_tok)
+    assert not any(matches(smol_tok, starts, "The Who", "Who is there? I asked."))
+    assert any(matches(smol_tok, starts, "The Who", "I saw the Who play live."))
