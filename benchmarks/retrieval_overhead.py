@@ -32,8 +32,9 @@ import torch
 
 import neuraldb
 from _common import add_model_arguments, device_name, load, synchronizer
-from neuraldb import NeuralDB, Trace
+from neuraldb import NeuralDB
 from neuraldb.keys import model_device
+from neuraldb.nethook import layer_input
 from neuraldb.retrieval import top1, unit_rows
 
 
@@ -45,9 +46,8 @@ def synthetic_keys(model, n: int, *, layer: int, seed: int = 0, seq: int = 32, b
     out, have = [], 0
     while have < n:
         ids = torch.randint(0, vocab, (batch, seq), generator=g).to(model_device(model))
-        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, use_cache=False)
-        k = t.input[:, 1:].reshape(-1, t.input.shape[-1]).float().cpu()  # skip position 0
+        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids)  # (batch, seq, d_key)
+        k = x[:, 1:].reshape(-1, x.shape[-1]).float().cpu()  # skip position 0
         out.append(k)
         have += k.shape[0]
     return torch.cat(out)[:n]
@@ -92,10 +92,9 @@ def main() -> None:
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts[1:])
 
-    with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False) as t:
-        with torch.no_grad():
-            model(**enc)
-    queries = unit_rows(t.input.reshape(-1, t.input.shape[-1]))  # every position, for the exactness check
+    with torch.no_grad():
+        x = layer_input(model, arch.mlp_out_at(layer), **enc)  # (batch, tokens, d_key)
+    queries = unit_rows(x.reshape(-1, x.shape[-1]))  # every position, for the exactness check
     base = timed()
     dev = device_name(args.device)
     print(f"device: {dev}; model {args.model}, layer {layer}; input {tuple(enc.input_ids.shape)} (batch, tokens)")

@@ -47,6 +47,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.utils import get_rolling_token_windows
 
 from neuraldb import Trace
+from neuraldb.config import check_gamma
 from neuraldb.hook import attached_reader
 from neuraldb.store import NeuralDB, StoreError
 
@@ -134,9 +135,7 @@ class NeuralDBLM(HFLM):
                                 f"neuraldb.linear.LinearReader), not {type(db).__name__}")
             db.check_compatible(self.model)
         if db is not None and gamma is not None:
-            if not -1.0 <= float(gamma) <= 1.0:
-                raise StoreError(f"gamma={gamma} is not a cosine threshold: use a value in [-1, 1]")
-            db.gamma = float(gamma)
+            db.gamma = check_gamma(gamma, where="gamma", error=StoreError)
         self.db: NeuralDB | None = db
         self.edited = db is not None
         self.firing: list[RequestFiring] = []

@@ -14,9 +14,24 @@ Environment (device, paths) never lives here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from numbers import Real
 from typing import Any, Mapping
 
-__all__ = ["EditConfig"]
+__all__ = ["EditConfig", "check_gamma"]
+
+
+def check_gamma(value: Any, *, where: str, error: type[ValueError] = ValueError) -> float:
+    """``value`` as a float if it is a cosine threshold (a number in [-1, 1], not a bool), else ``error``.
+
+    Example::
+
+        gamma = check_gamma(gamma, where="NeuralDB.gamma", error=StoreError)
+
+    ``where`` names the field in the message; ``error`` is ValueError or a subclass of it.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real) or not -1.0 <= value <= 1.0:
+        raise error(f"{where}={value!r} is not a cosine threshold: set it to a number in [-1, 1]")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ class EditConfig:
                 raise ValueError(f"EditConfig.{name}={getattr(self, name)!r} is invalid: {fix}")
 
         need(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0), "layer", "use an int >= 0 or None")
-        need(-1.0 <= self.gamma <= 1.0, "gamma", "a cosine threshold lies in [-1, 1]")
+        check_gamma(self.gamma, where="EditConfig.gamma")
         need(isinstance(self.steps, int) and self.steps >= 0, "steps", "use an int >= 0")
         need(self.lr > 0, "lr", "use a positive learning rate")
         need(self.kl_factor >= 0, "kl_factor", "use a value >= 0")

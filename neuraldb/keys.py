@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import ModelArch, resolve_arch
 from .facts import Fact, locate_subject
-from .nethook import Trace
+from .nethook import layer_input
 
 __all__ = ["calibration_queries", "context_templates", "compute_keys", "pad_batch", "model_device"]
 
@@ -143,10 +143,9 @@ def compute_keys(
     for start in range(0, len(reqs), batch_size):
         chunk = reqs[start : start + batch_size]
         ids, mask = pad_batch([r.ids for r in chunk], pad_id(tokenizer), device)
-        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids, attention_mask=mask)  # (chunk, seq, d_ff)
         pos = torch.tensor([r.subject_pos for r in chunk], device=device)
-        parts.append(t.input[torch.arange(len(chunk), device=device), pos].float())  # (chunk, d_ff)
+        parts.append(x[torch.arange(len(chunk), device=device), pos].float())  # (chunk, d_ff)
     return combine_keys(torch.cat(parts), reqs, len(facts), bare_weight)
 
 
@@ -177,11 +176,10 @@ def calibration_queries(
     out = []
     for start in range(0, len(enc), batch_size):
         ids, mask = pad_batch(enc[start : start + batch_size], pad_id(tokenizer), device)
-        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids, attention_mask=mask)  # (batch, seq, d_ff)
         valid = mask.bool()
         valid[:, 0] = False  # the attention-sink position never fires
-        out.append(t.input[valid].float())
+        out.append(x[valid].float())
     if not out:
         raise ValueError("calibration_queries: no text with at least two tokens")
     return torch.cat(out)

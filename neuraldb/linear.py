@@ -27,7 +27,7 @@ from torch import nn
 
 from .keys import model_device, pad_batch, pad_id
 from .hook import attached_reader, mark_attached
-from .nethook import Trace, get_module
+from .nethook import get_module, layer_input
 from .store import NeuralDB, StoreError
 
 __all__ = ["LinearReader", "estimate_c0", "linear_delta"]
@@ -47,9 +47,7 @@ def estimate_c0(
     for start in range(0, len(texts), batch_size):
         seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[start : start + batch_size]]
         ids, mask = pad_batch(seqs, pad_id(tokenizer), device)
-        with Trace(model, name, retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        k = t.input[mask.bool()].double()  # (tokens, d_key)
+        k = layer_input(model, name, input_ids=ids, attention_mask=mask)[mask.bool()].double()  # (tokens, d_key)
         total = k.T @ k if total is None else total + k.T @ k
         count += k.shape[0]
     if total is None:

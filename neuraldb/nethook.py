@@ -10,18 +10,27 @@ Every part of neuraldb (key capture, residual optimisation, gated retrieval,
 evaluation) goes through :class:`Trace` / :class:`TraceDict`. Hooks are always
 removed in ``finally``: an exception inside the ``with`` block, or the
 :class:`StopForward` raised by ``stop=True``, leaves the model exactly as it was.
+
+Two acts every part repeats have one function each here: :func:`layer_input` (a
+module's input, running the forward only up to that module) and
+:func:`cache_argument` / :func:`cache_of` (the KV cache under either of its names).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "Trace", "TraceDict", "get_module"]
+__all__ = ["StopForward", "Trace", "TraceDict", "cache_argument", "cache_of", "get_module", "layer_input"]
+
+# The KV cache's keyword, newest first: transformers 5 renamed ``past_key_values`` to ``cache``.
+CACHE_NAMES = ("cache", "past_key_values")
 
 
 class StopForward(Exception):
@@ -211,3 +220,54 @@ class TraceDict(OrderedDict, contextlib.AbstractContextManager):
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()
         return self.stop and exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def layer_input(model: nn.Module, layer: str, **model_kwargs: Any) -> torch.Tensor:
+    """The first positional input of module ``layer`` in one forward ``model(**model_kwargs)``.
+
+    Example::
+
+        keys = layer_input(model, "model.layers.3.mlp.down_proj", input_ids=ids, attention_mask=mask)
+        # (batch, seq, d_ff), detached
+
+    The forward stops once ``layer`` has run (nothing after it is computed) and the hook is
+    removed in ``finally``. ``use_cache=False`` unless given: nothing is generated. Call it
+    under ``torch.no_grad()`` to keep no graph.
+    """
+    model_kwargs.setdefault("use_cache", False)
+    with Trace(model, layer, retain_input=True, retain_output=False, stop=True) as t:
+        model(**model_kwargs)
+    if t.input is None:
+        raise RuntimeError(
+            f"module {layer!r} of {type(model).__name__} did not run, or ran without a positional input; "
+            "check the architecture templates (neuraldb.arch) for this model family"
+        )
+    return t.input
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The name of ``module.forward``'s KV-cache argument ('cache' or 'past_key_values').
+
+    None when the forward takes neither or has no readable signature.
+    """
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in CACHE_NAMES if name in params), None)
+
+
+def cache_of(value: Any) -> Any:
+    """The KV cache in a model output or in a forward's keyword arguments, under either name.
+
+    The first name present wins (a present ``None`` included); None when neither is.
+    Model outputs (a ``Mapping`` holding only their non-None fields) are read by key,
+    other objects by attribute.
+    """
+    for name in CACHE_NAMES:
+        if isinstance(value, Mapping):
+            if name in value:
+                return value[name]
+        elif hasattr(value, name):
+            return getattr(value, name)
+    return None

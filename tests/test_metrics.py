@@ -329,7 +329,7 @@ def test_generate_reproducible_and_batch_invariant(tok, monkeypatch):
     ref = generate_texts(model=model, tokenizer=tok, prompts=prompts, max_new_tokens=12, seed=3, batch_size=1)
     assert generate_texts(model=model, tokenizer=tok, prompts=prompts, max_new_tokens=12, seed=3, batch_size=4) == ref
     assert generate_texts(model=model, tokenizer=tok, prompts=prompts, max_new_tokens=12, seed=4) != ref
-    monkeypatch.setattr(fluency, "_cache_kwarg", lambda m: None)  # no KV cache: full recompute
+    monkeypatch.setattr(fluency, "cache_argument", lambda m: None)  # no KV cache: full recompute
     assert generate_texts(model=model, tokenizer=tok, prompts=prompts, max_new_tokens=12, seed=3, batch_size=3) == ref
     assert all(t.startswith(p) for t, p in zip(ref, prompts))
 

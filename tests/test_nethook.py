@@ -83,3 +83,43 @@ def test_retain_call_captures_kwargs(tiny_llama):
     with Trace(model.base_model, "", retain_output=False, retain_call=True) as t:
         model(ids, attention_mask=torch.ones_like(ids))
     assert torch.equal(t.call_kwargs["attention_mask"], torch.ones_like(ids))
+
+
+def test_layer_input_is_the_traced_input_and_stops_there(tiny):
+    from neuraldb.nethook import layer_input
+
+    model, tok = tiny
+    name = resolve_arch(model).mlp_out_at(1)
+    with Trace(model, name, retain_input=True) as t:
+        model(_ids(tok))
+    seen = []
+    with Trace(model, resolve_arch(model).layer(2), retain_output=False, edit_output=lambda o, x: seen.append(1) or o):
+        x = layer_input(model, name, input_ids=_ids(tok))
+    assert torch.equal(x, t.input) and seen == []  # the same input; layer 2 never ran
+    assert not model.get_submodule(name)._forward_hooks
+
+
+def test_layer_input_of_a_module_that_never_runs_is_an_error(tiny_llama):
+    from neuraldb.nethook import layer_input
+
+    model, tok = tiny_llama
+    model.add_module("unused", torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="'unused' of LlamaForCausalLM did not run"):
+        layer_input(model, "unused", input_ids=_ids(tok))
+    assert not model.unused._forward_hooks
+
+
+def test_cache_argument_and_cache_of_read_either_name(tiny_llama):
+    from types import SimpleNamespace
+
+    from neuraldb.nethook import cache_argument, cache_of
+
+    model, tok = tiny_llama
+    name = cache_argument(model)
+    assert name in ("cache", "past_key_values")
+    out = model(_ids(tok), use_cache=True)
+    assert cache_of(out) is getattr(out, name) and cache_of(out).get_seq_length() == _ids(tok).shape[1]
+    assert cache_of(model(_ids(tok), use_cache=False)) is None
+    assert cache_argument(torch.nn.Linear(2, 2)) is None  # takes neither
+    assert cache_of({"past_key_values": 1}) == 1 and cache_of({"cache": None, "past_key_values": 1}) is None
+    assert cache_of(SimpleNamespace(past_key_values=2)) == 2 and cache_of(SimpleNamespace()) is None

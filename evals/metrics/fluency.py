@@ -34,7 +34,6 @@ Reference: ROME ``util/generate.py`` (``generate_fast``) and
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import unicodedata
@@ -45,6 +44,8 @@ from statistics import fmean
 from typing import Any, Callable, Sequence
 
 import torch
+
+from neuraldb.nethook import cache_argument, cache_of
 
 from .tokens import call_model, eval_mode, logits_of, model_device, pad_id
 
@@ -108,15 +109,6 @@ def _sample(logits: torch.Tensor, top_k: int, generators: Sequence[torch.Generat
     return top_i.gather(1, pick[:, None]).squeeze(1)
 
 
-def _cache_kwarg(model: Any) -> str | None:
-    """Name of the forward's KV-cache argument ('cache' in newer transformers), or None."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    return next((n for n in ("cache", "past_key_values") if n in params), None)
-
-
 def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
@@ -136,7 +128,7 @@ def generate_texts(*, model: Any, tokenizer: Any, prompts: Sequence[str], max_le
         seeds = [seed + i for i in range(len(prompts))]
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-    device, pad, cache_name = model_device(model), pad_id(tokenizer), _cache_kwarg(model)
+    device, pad, cache_name = model_device(model), pad_id(tokenizer), cache_argument(model)
     encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     if any(not e for e in encoded):
         raise ValueError("a prompt tokenises to nothing; generation needs at least one token")
@@ -163,7 +155,7 @@ def generate_texts(*, model: Any, tokenizer: Any, prompts: Sequence[str], max_le
                 new.append(tok)
                 if t + 1 == steps:
                     break
-                past = getattr(out, cache_name, None) if cache_name else None
+                past = cache_of(out) if cache_name else None
                 ids = torch.cat([ids, tok[:, None]], dim=1)
                 mask = torch.cat([mask, mask.new_ones((len(idx), 1))], dim=1)
                 step_ids = tok[:, None] if past is not None else ids
