@@ -35,7 +35,7 @@ from typing import Any, Iterator, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .nethook import Trace
+from .nethook import Trace, cache_of
 from .words import UNKNOWN, token_windows
 
 __all__ = ["Reader", "StoreHook", "attached_reader", "call_inputs", "detached", "valid_positions"]
@@ -137,7 +137,7 @@ def valid_positions(kwargs: dict[str, Any], mask: Any, batch: int, seq: int, dev
         # absolute positions of this chunk (generation passes them): position 0 is the sink
         return (positions.to(device) > 0).expand(batch, seq)
     past = 0
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = cache_of(kwargs)
     if cache is not None and hasattr(cache, "get_seq_length"):
         past = int(cache.get_seq_length())
     pos = torch.arange(past, past + seq, device=device)

@@ -34,7 +34,7 @@ from torch import nn
 from .facts import Fact, FactError, locate_subject
 from .hook import detached
 from .keys import model_device, pad_batch, pad_id
-from .nethook import Trace
+from .nethook import layer_input
 from .words import mention_positions
 
 __all__ = ["UnreachableFactError", "find_unreached", "REASONS"]
@@ -63,11 +63,9 @@ def _fired_subjects(model: nn.Module, tokenizer: Any, db: Any, texts: Sequence[s
                 seqs = [tokenizer(t)["input_ids"] for t in texts[start : start + batch_size]]
                 ids, mask = pad_batch(seqs, pad_id(tokenizer), device)
                 db.last_fire_index = None
-                with Trace(model, db.module_name(model), retain_input=True, retain_output=False, stop=True) as t:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)  # layers past it: unused
-                index = db.last_fire_index  # (batch, seq), -1 where shut
+                q = layer_input(model, db.module_name(model), input_ids=ids, attention_mask=mask).float()
+                index = db.last_fire_index  # (batch, seq), -1 where shut (the store's hook ran first)
                 own = keys[torch.tensor(rows[start : start + len(seqs)], device=device)]  # (batch, d_key)
-                q = t.input.float()  # (batch, seq, d_key)
                 cos = (q @ own.unsqueeze(2)).squeeze(2) / q.norm(dim=2).clamp_min(1e-12)  # (batch, seq)
                 for b, seq in enumerate(seqs):
                     row = index[b].tolist() if index is not None else []

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .arch import ModelArch, resolve_arch
+from .config import check_gamma
 from .hook import StoreHook, attached_reader, mark_attached
 from .nethook import get_module
 from .retrieval import LowRankScreen, top1, unit_rows
@@ -115,8 +116,7 @@ class NeuralDB:
         screen_rank: int | None = None,
         screen_min_keys: int = 4096,
     ) -> None:
-        if not -1.0 <= gamma <= 1.0:
-            raise StoreError(f"gamma={gamma} is not a cosine threshold: use a value in [-1, 1]")
+        gamma = check_gamma(gamma, where="gamma", error=StoreError)
         self.layer = int(layer)
         self.d_key = int(d_key)
         self.d_model = int(d_model)
@@ -151,9 +151,7 @@ class NeuralDB:
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        if not -1.0 <= float(value) <= 1.0:
-            raise StoreError(f"gamma={value} is not a cosine threshold: use a value in [-1, 1]")
-        self._gamma = float(value)
+        self._gamma = check_gamma(value, where="gamma", error=StoreError)
         self._dev = {}
 
     # ----------------------------------------------------------------- contents
