@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from neuraldb import Fact, FactError
+from neuraldb.io import atomic_write, default_data_dir, sha256_file, write_text
 
 __all__ = [
     "DATA_DIR_LAYOUT", "PUBLIC_FILES", "DatasetError", "EvalCase", "EvalCases", "LoadReport", "editable_cases",
@@ -173,14 +173,6 @@ DATA_DIR_LAYOUT: dict[tuple[str, str], tuple[str, ...]] = {
 # ----------------------------------------------------------------------------- sources
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
              timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` atomically (temp file in the same folder, then rename).
@@ -190,33 +182,26 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, si
     ``<dest>.sha256`` so later loads can detect a changed file.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
     h, n = hashlib.sha256(), 0
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                out.write(chunk)
-                h.update(chunk)
-                n += len(chunk)
-        digest = h.hexdigest()
-        if size is not None and n != size:
-            raise DatasetError(f"download of {url} is {n} bytes, expected {size}; nothing was kept "
-                               "(retry, or pass the file itself as source=)")
-        if sha256 is not None and digest != sha256.lower():
-            raise DatasetError(f"download of {url} has sha256 {digest}, expected {sha256}; nothing was kept "
-                               "(the file changed upstream or the transfer was corrupted)")
-        os.replace(tmp, dest)
+        with atomic_write(dest) as tmp:  # the temporary file is removed on any error
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+            digest = h.hexdigest()
+            if size is not None and n != size:
+                raise DatasetError(f"download of {url} is {n} bytes, expected {size}; nothing was kept "
+                                   "(retry, or pass the file itself as source=)")
+            if sha256 is not None and digest != sha256.lower():
+                raise DatasetError(f"download of {url} has sha256 {digest}, expected {sha256}; nothing was kept "
+                                   "(the file changed upstream or the transfer was corrupted)")
     except OSError as exc:  # URLError, HTTPError, timeouts, disk errors
-        tmp.unlink(missing_ok=True)
         raise DatasetError(f"could not download {url} ({exc}); pass source= a local file, or set "
                            "data_dir= / NEURALDB_DATA_DIR to a folder that has it") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if sha256 is None:
-        Path(str(dest) + ".sha256").write_text(digest + "\n")
+        write_text(str(dest) + ".sha256", digest + "\n")
         log.warning("downloaded %s without a pinned sha256; recorded %s for later checks", url, digest)
     return dest
 
@@ -227,7 +212,7 @@ def _verify_cached(path: Path, *, sha256: str | None, size: int | None) -> None:
     fix = f"delete {path} to download it again, or pass the right sha256="
     if size is not None and path.stat().st_size != size:
         raise DatasetError(f"cached {path} is {path.stat().st_size} bytes, expected {size}; {fix}")
-    if expected is not None and _sha256(path) != expected.lower():
+    if expected is not None and sha256_file(path) != expected.lower():
         raise DatasetError(f"cached {path} does not match sha256 {expected}; {fix}")
 
 
@@ -262,18 +247,18 @@ def resolve_source(kind: Kind, source: str | os.PathLike | None = None, *,
         path = Path(urllib.request.url2pathname(urllib.parse.urlparse(text).path)) if scheme == "file" else Path(text)
         if not path.is_file():
             raise DatasetError(f"{kind} source {text!r} is not a file; give a path to a JSON file or a URL")
-        if sha256 is not None and _sha256(path) != sha256.lower():
+        if sha256 is not None and sha256_file(path) != sha256.lower():
             raise DatasetError(f"{path} does not match sha256 {sha256}")
         return path
     if (kind, split) not in DATA_DIR_LAYOUT:
         splits = sorted(s for k, s in DATA_DIR_LAYOUT if k == kind)
         raise DatasetError(f"unknown {kind} split {split!r}; choose one of {splits}")
-    root = data_dir if data_dir is not None else os.environ.get("NEURALDB_DATA_DIR") or None
+    root = default_data_dir(data_dir)
     if root is not None:
         candidates = [Path(root) / rel for rel in DATA_DIR_LAYOUT[(kind, split)]]
         for path in candidates:
             if path.is_file():
-                if sha256 is not None and _sha256(path) != sha256.lower():
+                if sha256 is not None and sha256_file(path) != sha256.lower():
                     raise DatasetError(f"{path} does not match sha256 {sha256}")
                 return path
         raise DatasetError(f"no {kind} {split} file in data dir {root} (looked for "

@@ -4,7 +4,7 @@ Example (CPU, a few examples per task)::
 
     model, tok = neuraldb.load_model("smollm2-135m")
     db = neuraldb.NeuralDB.load("facts.safetensors", model=model)
-    report = run_general_tasks(model, tok, db, limit=20, data_dir="/work/shared/data")
+    report = run_general_tasks(model, tok, db, limit=20)      # data: $NEURALDB_DATA_DIR (or data_dir=)
     report["tasks"]["sciq"]          # {'metric': 'acc', 'shots': 0, 'before': .., 'after': .., ...}
 
 Example (``tox -e gpu-evals``: the full six tasks after 10K CounterFact edits on one GPU; device and
@@ -53,9 +53,11 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from evals import stats
 from evals.tasks import SIX_TASKS
+from neuraldb.io import default_data_dir
 
-__all__ = ["SIX_TASKS", "run_general_tasks", "paired_test", "confidence_interval"]
+__all__ = ["SIX_TASKS", "run_general_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ def run_general_tasks(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence={confidence} must lie in (0, 1)")
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    data_dir = data_dir if data_dir is not None else os.environ.get("NEURALDB_DATA_DIR") or None
+    data_dir = default_data_dir(data_dir)
     include = str(offline_include_path(data_dir)) if data_dir else None
     with _quiet("lm_eval.tasks._index"):  # "task X overrides existing task" for every offline task
         manager = TaskManager(include_path=include)
@@ -262,12 +264,20 @@ def _metric_report(metric: str, before: Any, after: Any, b: list[Any], a: list[A
     }
     if not scalar or not b:
         return out
-    kind = "perplexity" if metric == "perplexity" else (
-        "binary" if all(float(v) in (0.0, 1.0) for v in b + a) else "mean")
-    out["ci_before"] = confidence_interval(b, kind=kind, confidence=confidence)
-    out["ci_after"] = confidence_interval(a, kind=kind, confidence=confidence)
-    out["test"] = paired_test(b, a, kind=kind)
+    binary = metric != "perplexity" and all(float(v) in (0.0, 1.0) for v in b + a)
+    out["ci_before"], out["ci_after"] = (_interval(x, metric, binary, confidence) for x in (b, a))
+    out["test"] = stats.paired_test(b, a, test="mcnemar_exact" if binary else "wilcoxon")
     return out
+
+
+def _interval(values: Sequence[Any], metric: str, binary: bool, confidence: float) -> list[float] | None:
+    """Wilson for 0/1 scores; perplexity from per-example log-likelihoods; else the t interval of the mean."""
+    vals = [float(v) for v in values]
+    if binary:
+        return stats.proportion_ci(int(sum(vals)), len(vals), confidence=confidence)["ci"]
+    if metric == "perplexity":
+        return stats.perplexity_ci(vals, confidence=confidence)
+    return stats.mean_ci(vals, confidence=confidence)["ci"]
 
 
 def _float(value: Any) -> float | None:
@@ -276,61 +286,3 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def confidence_interval(values: Sequence[float], *, kind: str, confidence: float = 0.95) -> list[float] | None:
-    """``[low, high]`` for the aggregate of ``values``.
-
-    ``kind``: ``"binary"`` (0/1 scores: Wilson score interval of the mean), ``"mean"``
-    (t-interval of the mean), ``"perplexity"`` (values are log-likelihoods: t-interval of their
-    mean, mapped through ``exp(-x)``). ``None`` where undefined (no values; one value for ``t``).
-    """
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    n = x.size
-    if n == 0:
-        return None
-    if kind == "binary":
-        z = stats.norm.ppf(0.5 + confidence / 2)
-        p = x.mean()
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        low = 0.0 if p == 0.0 else max(0.0, centre - half)
-        high = 1.0 if p == 1.0 else min(1.0, centre + half)
-        return [float(low), float(high)]
-    if n < 2:
-        return None
-    m, se = x.mean(), x.std(ddof=1) / math.sqrt(n)
-    h = stats.t.ppf(0.5 + confidence / 2, n - 1) * se
-    if kind == "perplexity":
-        return [float(math.exp(-(m + h))), float(math.exp(-(m - h)))]
-    return [float(m - h), float(m + h)]
-
-
-def paired_test(before: Sequence[float], after: Sequence[float], *, kind: str) -> dict[str, Any]:
-    """Paired test of per-example scores: McNemar exact for ``"binary"``, Wilcoxon otherwise.
-
-    McNemar: ``binomtest`` on the discordant pairs (``b``: right before, wrong after; ``c``: the
-    reverse), two-sided, p = 1 when there are none. Wilcoxon signed-rank on ``after - before``
-    (zero differences dropped), p = 1 when every difference is zero.
-    """
-    from scipy import stats
-
-    x = np.asarray(before, dtype=float)
-    y = np.asarray(after, dtype=float)
-    if kind == "binary":
-        b = int(np.sum((x == 1) & (y == 0)))
-        c = int(np.sum((x == 0) & (y == 1)))
-        p = 1.0 if b + c == 0 else float(stats.binomtest(b, b + c, 0.5).pvalue)
-        return {"name": "mcnemar_exact", "b_before_only": b, "c_after_only": c, "p_value": p}
-    d = y - x
-    nonzero = int(np.count_nonzero(d))
-    if nonzero == 0:
-        return {"name": "wilcoxon", "statistic": 0.0, "nonzero": 0, "p_value": 1.0, "mean_difference": 0.0}
-    res = stats.wilcoxon(x, y, zero_method="wilcox")
-    return {"name": "wilcoxon", "statistic": float(res.statistic), "nonzero": nonzero,
-            "p_value": float(res.pvalue), "mean_difference": float(d.mean())}

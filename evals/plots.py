@@ -5,7 +5,7 @@ Example::
     from evals.plots import gate_plots
     gate_plots(result, "gate/")      # {'metrics': 'gate_metrics.png', 'general': ..., 'firing': ...}
 
-Each function takes the ``result["data"]`` block that :func:`evals.gate.decide` writes into
+Each function takes the ``result["data"]`` block that :func:`evals.decision.decide` writes into
 gate.json (so a plot can be redrawn from the JSON alone) and returns ``None`` when there is
 nothing to draw:
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from neuraldb.io import atomic_write
 
 __all__ = ["gate_plots", "plot_edit_metrics", "plot_firing", "plot_general"]
 
@@ -58,10 +60,11 @@ def _bars(ax: Any, labels: Sequence[str], series: Sequence[tuple[str, list[float
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    _pyplot().close(fig)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
     return path.name
 
 

@@ -51,17 +51,14 @@ whose message names the file or field and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from neuraldb.io import atomic_dir, sha256_file
 from neuraldb.store import NeuralDB, StoreError
 
 __all__ = [
@@ -77,19 +74,10 @@ MANIFEST = "manifest.json"
 STORE_FILE = "store.safetensors"
 REQUIRED_FIELDS = ("format", "format_version", "base_model", "layer_fingerprint", "neuraldb_version", "gamma",
                    "layer", "facts", "created", "files")
-_CHUNK = 1 << 20
 
 
 class ReleaseError(StoreError):
     """A release folder that cannot be written or used as asked; the message says why and what to do."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_entry(folder: Path, name: str, **extra: Any) -> dict[str, Any]:
@@ -177,45 +165,51 @@ def save_release(
         raise ReleaseError("evaluation= takes the evaluation report (report.json) and report= the gate report "
                            "(gate.json); pass each once")
 
-    import neuraldb
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        db.save(tmp / STORE_FILE)
-        files: dict[str, Any] = {"store": _file_entry(tmp, STORE_FILE)}
-        if payload is not None:
-            data, name = payload
-            (tmp / name).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            files["report"] = _file_entry(tmp, name, kind="gate" if name == "gate.json" else "evaluation")
-        if extra is not None:
-            (tmp / extra[1]).write_text(json.dumps(extra[0], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            files["evaluation"] = _file_entry(tmp, extra[1], kind="evaluation")
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "base_model": base,
-            "base_model_revision": revision,
-            "store_model_name": db.model_name,
-            "layer_fingerprint": db.fingerprint,
-            "module": db.module_template.format(db.layer) if db.module_template else None,
-            "neuraldb_version": neuraldb.__version__,
-            "gamma": db.gamma,
-            "layer": db.layer,
-            "facts": len(db),
-            "per_key_thresholds": _calibrated(db),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
-        }
-        if payload is not None:
-            manifest["gate"] = _gate_summary(payload[0])
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        _fsync_dir_files(tmp)
-        _commit(tmp, target, overwrite=overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left when the rename succeeded
+        with atomic_dir(target, existing="replace" if overwrite else "error", sync=True) as tmp:
+            _write_release(tmp, db, base, revision, payload, extra)
+    except FileExistsError:  # a non-empty folder appeared while the release was being written
+        raise ReleaseError(f"{target} appeared while the release was being written; nothing was overwritten") from None
     log.info("release of %d facts written to %s", len(db), target)
     return target
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_release(tmp: Path, db: NeuralDB, base: str, revision: str | None, payload: Any, extra: Any) -> None:
+    """The files of a release (store, reports, manifest last) into the temporary folder ``tmp``."""
+    import neuraldb
+
+    db.save(tmp / STORE_FILE)
+    files: dict[str, Any] = {"store": _file_entry(tmp, STORE_FILE)}
+    if payload is not None:
+        data, name = payload
+        _write_json(tmp / name, data)
+        files["report"] = _file_entry(tmp, name, kind="gate" if name == "gate.json" else "evaluation")
+    if extra is not None:
+        _write_json(tmp / extra[1], extra[0])
+        files["evaluation"] = _file_entry(tmp, extra[1], kind="evaluation")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base_model": base,
+        "base_model_revision": revision,
+        "store_model_name": db.model_name,
+        "layer_fingerprint": db.fingerprint,
+        "module": db.module_template.format(db.layer) if db.module_template else None,
+        "neuraldb_version": neuraldb.__version__,
+        "gamma": db.gamma,
+        "layer": db.layer,
+        "facts": len(db),
+        "per_key_thresholds": _calibrated(db),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    if payload is not None:
+        manifest["gate"] = _gate_summary(payload[0])
+    _write_json(tmp / MANIFEST, manifest)
 
 
 def _calibrated(db: NeuralDB) -> bool:
@@ -231,32 +225,6 @@ def _gate_summary(data: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     return {"passed": bool(data["passed"]), "policy": (data.get("policy") or {}).get("path"),
             "failed": list(data.get("failed") or [])}
-
-
-def _fsync_dir_files(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _commit(tmp: Path, target: Path, *, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``target`` (replacing a non-empty one only when ``overwrite``)."""
-    try:
-        os.rename(tmp, target)  # atomic; also replaces an empty folder
-        return
-    except OSError:
-        if not target.is_dir() or not any(target.iterdir()):
-            raise
-    if not overwrite:  # appeared meanwhile
-        raise ReleaseError(f"{target} appeared while the release was being written; nothing was overwritten")
-    aside = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-    os.rename(target, aside)
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        os.rename(aside, target)  # put the old release back
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -3,22 +3,18 @@
 Example::
 
     from evals import report
-    report.mean_ci([0.5, 1.0, 0.75], confidence=0.95)       # Student t interval of a mean
-    report.proportion_ci(17, 20, confidence=0.95)           # Wilson score interval
+    report.summarize_metric(pre, post, kind="proportion")   # pre/post intervals, difference, paired test
     report.write_report(rep, "reports/cf")                   # report.json + report.md, atomically
     print(report.render_markdown(rep))
     print(report.render_comparison(report.compare_reports(a, b)))
 
-Statistics (all from scipy, computed on per-case values):
+Statistics (:mod:`evals.stats`, computed on per-case values):
 
 * a metric where every case contributes ONE yes/no outcome (CounterFact's efficacy: one edit
-  prompt per case) is a proportion: Wilson score interval (``scipy.stats.binomtest(...)
-  .proportion_ci(method="wilson")``); pre vs post is the exact McNemar test (a two-sided
-  binomial test on the discordant pairs);
+  prompt per case) is a proportion: Wilson score interval; pre vs post is the exact McNemar
+  test (``mcnemar_exact``: a two-sided binomial test on the discordant pairs);
 * every other metric (means over several prompts or tokens per case, magnitudes, fluency) is
-  a mean of per-case values: Student t interval (``scipy.stats.t.interval`` with the standard
-  error ``sd / sqrt(n)``, ``ddof=1``); pre vs post is the paired t-test
-  (``scipy.stats.ttest_rel``);
+  a mean of per-case values: Student t interval; pre vs post is the paired t-test (``t``);
 * the difference post - pre always gets the t interval of the per-case differences.
 
 Cases without a value (e.g. no paraphrase) are left out; paired statistics use the cases
@@ -34,14 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from statistics import fmean
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from evals.stats import DEFAULT_TEST, display_name, mean_ci, paired_test, proportion_ci
+from neuraldb.io import write_text
+
 __all__ = [
-    "SECTIONS", "clean_json", "compare_reports", "format_value", "load_report", "mean_ci", "paired_test",
-    "proportion_ci", "render_chat", "render_comparison", "render_config", "render_data", "render_gate",
+    "SECTIONS", "clean_json", "compare_reports", "format_value", "load_report",
+    "render_chat", "render_comparison", "render_config", "render_data", "render_gate",
     "render_general", "render_header", "render_markdown", "render_mentions", "render_metrics", "render_samples",
     "render_text", "render_timings",
     "summarize_metric", "write_json", "write_report",
@@ -52,66 +49,6 @@ WILSON_METHOD = "Wilson score interval (one yes/no outcome per case)"
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> dict[str, Any]:
-    """Mean, sample sd and the Student t interval of the mean (None below 2 values)."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "ci": None, "method": "t"}
-    mean = fmean(values)
-    if n < 2:
-        return {"n": 1, "mean": mean, "sd": None, "ci": None, "method": "t"}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    if sd == 0:
-        ci = [mean, mean]
-    else:
-        lo, hi = stats.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
-        ci = [float(lo), float(hi)]
-    return {"n": n, "mean": mean, "sd": sd, "ci": ci, "method": "t"}
-
-
-def proportion_ci(successes: int, n: int, *, confidence: float = 0.95) -> dict[str, Any]:
-    """``successes / n`` with its Wilson score interval (None when n = 0)."""
-    from scipy import stats
-
-    if n == 0:
-        return {"n": 0, "successes": 0, "mean": None, "ci": None, "method": "wilson"}
-    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return {"n": int(n), "successes": int(successes), "mean": successes / n,
-            "ci": [float(ci.low), float(ci.high)], "method": "wilson"}
-
-
-def paired_test(pre: Sequence[float], post: Sequence[float], *, kind: str) -> dict[str, Any]:
-    """Two-sided paired test of post vs pre: exact McNemar for ``kind="proportion"``, paired t otherwise."""
-    from scipy import stats
-
-    if len(pre) != len(post):
-        raise ValueError(f"paired test needs equal lengths, got {len(pre)} and {len(post)}")
-    n = len(pre)
-    if kind == "proportion":
-        gained = sum(1 for a, b in zip(pre, post) if b > a)  # 0 -> 1
-        lost = sum(1 for a, b in zip(pre, post) if b < a)  # 1 -> 0
-        p = stats.binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
-        return {"name": "exact McNemar (binomial test on discordant pairs)", "n": n, "gained": gained,
-                "lost": lost, "statistic": None, "p_value": _finite(p)}
-    if n < 2:
-        return {"name": "paired t-test", "n": n, "statistic": None, "p_value": None}
-    diffs = [b - a for a, b in zip(pre, post)]
-    if all(d == diffs[0] for d in diffs):  # zero variance: t is 0/0 or +-inf
-        return {"name": "paired t-test", "n": n, "statistic": None, "p_value": 1.0 if diffs[0] == 0 else 0.0,
-                "note": "all per-case differences are equal"}
-    res = stats.ttest_rel(post, pre)
-    return {"name": "paired t-test", "n": n, "statistic": _finite(res.statistic), "p_value": _finite(res.pvalue)}
 
 
 def _scaled(summary: Mapping[str, Any], scale: float) -> dict[str, Any]:
@@ -144,7 +81,7 @@ def summarize_metric(pre: Sequence[float | None], post: Sequence[float | None], 
 
     pairs = [(float(a), float(b)) for a, b in zip(pre, post) if a is not None and b is not None]
     diff = mean_ci([b - a for a, b in pairs], confidence=confidence)
-    test = paired_test([a for a, _ in pairs], [b for _, b in pairs], kind=kind)
+    test = paired_test([a for a, _ in pairs], [b for _, b in pairs], test=DEFAULT_TEST[kind])
     return {
         "kind": kind,
         "pre": _scaled(one(pre), scale),
@@ -175,35 +112,15 @@ def clean_json(obj: Any) -> Any:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write strict JSON (no NaN) atomically: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_text(path, text)
-    return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be read by others
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write strict JSON (no NaN) atomically, mode 0666 less the umask (:func:`neuraldb.io.write_text`)."""
+    return write_text(path, json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``output_dir``; returns both paths."""
     out = Path(output_dir)
     json_path = write_json(report, out / "report.json")
-    md_path = out / "report.md"
-    _write_text(md_path, render_markdown(report))
-    return json_path, md_path
+    return json_path, write_text(out / "report.md", render_markdown(report))
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -269,7 +186,7 @@ def _metric_rows(report: Mapping[str, Any]) -> list[list[str]]:
         test = m.get("test") or {}
         n = (m.get("post") or {}).get("n")
         rows.append([label, _with_ci(m.get("pre")), _with_ci(m.get("post")),
-                     _with_ci(m.get("difference"), signed=True), test.get("name", "-").split(" (")[0],
+                     _with_ci(m.get("difference"), signed=True), display_name(test.get("name")) or "-",
                      _p(test.get("p_value")) + (f" (n={n})" if n is not None else "")])
     return rows
 

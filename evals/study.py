@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from neuraldb.io import atomic_write, default_data_dir, write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = ["run_study", "add_study_arguments", "run_study_cli"]
@@ -42,7 +44,7 @@ READERS = ("gated", "calibrated", "linear")
 
 
 def _generic_texts(data_dir: str | os.PathLike | None, n: int) -> list[str]:
-    root = Path(data_dir or os.environ.get("NEURALDB_DATA_DIR", ""))
+    root = Path(default_data_dir(data_dir) or "")
     path = root / "lambada_openai" / "lambada_test.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"the linear and calibrated readers need generic text: {path} not found; "
@@ -132,9 +134,9 @@ def run_study(
     result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
               "edit_seconds": edit_s, "facts": len(db), "edited_this_call": len(db) - resumed,
               "left_out": skipped, "rows": rows}
-    (out / "study.json").write_text(json.dumps(result, indent=2))
+    write_text(out / "study.json", json.dumps(result, indent=2))
     _plot(result, out / "study.png")
-    (out / "study.md").write_text(render_markdown(result))
+    write_text(out / "study.md", render_markdown(result))
     return result
 
 
@@ -189,7 +191,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel("post-edit score (%)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,8 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .io import atomic_dir
 
 __all__ = ["ALIASES", "BuiltinModel", "ModelPackageMissing", "load_model"]
 
@@ -182,8 +183,8 @@ def _cached_conversion(alias: str, root: Path) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # "keep": a complete folder (with the marker) that another process wrote meanwhile is used as it is
+    with atomic_dir(folder, existing="keep", complete=lambda f: (f / _MARKER).is_file()) as tmp:
         start = time.perf_counter()
         log.info("converting %s to float32 (one-off, up to a minute) into %s", alias, folder)
         gguf = _assemble(entry, tmp / "gguf") if entry.assembled else package_dir / entry.gguf
@@ -191,10 +192,7 @@ def _cached_conversion(alias: str, root: Path) -> Path:
         shutil.rmtree(tmp / "gguf", ignore_errors=True)
         info = {"alias": alias, "gguf": entry.gguf, "transformers": transformers.__version__}
         (tmp / _MARKER).write_text(json.dumps(info, indent=1) + "\n")
-        _commit(tmp, folder)
-        log.info("converted %s in %.1f s", alias, time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left when the rename succeeded
+    log.info("converted %s in %.1f s", alias, time.perf_counter() - start)
     return folder
 
 
@@ -253,25 +251,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out)
     tok.save_pretrained(out)
-
-
-def _commit(tmp: Path, folder: Path) -> None:
-    """Rename ``tmp`` to ``folder``; if a complete ``folder`` appeared meanwhile, keep that one."""
-    for _ in range(2):
-        try:
-            os.rename(tmp, folder)  # atomic; fails when folder exists and is not empty
-            return
-        except OSError:
-            if (folder / _MARKER).is_file():
-                log.info("another process converted %s first; using its copy", folder.name)
-                return
-        aside = folder.with_name(f".{folder.name}.bad-{os.getpid()}-{time.time_ns()}")
-        try:  # a folder without the marker was not written by us: move it out of the way
-            os.rename(folder, aside)
-        except OSError:
-            pass
-        shutil.rmtree(aside, ignore_errors=True)
-    raise RuntimeError(f"could not move the converted model into {folder}")
 
 
 def _remove_stale_tmp(folder: Path) -> None:

@@ -20,6 +20,10 @@ WORDS = (
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# the library reads its data folder from $NEURALDB_DATA_DIR only (tox sets it); a bare pytest run
+# gets the project's usual location, as tox would give it
+if not os.environ.get("NEURALDB_DATA_DIR") and SHARED_DATA.is_dir():
+    os.environ["NEURALDB_DATA_DIR"] = str(SHARED_DATA)
 
 
 def word_tokenizer():

@@ -15,6 +15,7 @@ from scipy import stats
 import neuraldb
 from evals import evaluate as ev
 from evals import report as rep
+from evals import stats as ev_stats
 from evals.datasets import EvalCase
 from neuraldb import EditConfig, Fact, NeuralDB
 
@@ -195,17 +196,17 @@ def test_stats_helpers_against_closed_forms():
     k, n = 7, 20
     p = k / n
     centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    assert rep.proportion_ci(k, n)["ci"] == pytest.approx([centre - half, centre + half], rel=1e-9)
+    assert ev_stats.proportion_ci(k, n)["ci"] == pytest.approx([centre - half, centre + half], rel=1e-9)
     vals = [0.2, 0.4, 0.9, 1.0]
     sd = stats.tstd(vals)
     t = stats.t.ppf(0.975, 3)
     mean = sum(vals) / 4
-    assert rep.mean_ci(vals)["ci"] == pytest.approx([mean - t * sd / 2, mean + t * sd / 2], rel=1e-9)
-    mc = rep.paired_test([0, 0, 0, 1, 1], [1, 1, 1, 1, 0], kind="proportion")
+    assert ev_stats.mean_ci(vals)["ci"] == pytest.approx([mean - t * sd / 2, mean + t * sd / 2], rel=1e-9)
+    mc = ev_stats.paired_test([0, 0, 0, 1, 1], [1, 1, 1, 1, 0], test="mcnemar_exact")
     assert (mc["gained"], mc["lost"]) == (3, 1) and mc["p_value"] == pytest.approx(stats.binomtest(3, 4).pvalue)
-    assert rep.paired_test([1, 1], [1, 1], kind="proportion")["p_value"] == 1.0
-    assert rep.mean_ci([])["mean"] is None and rep.mean_ci([0.5])["ci"] is None
-    assert rep.mean_ci([0.5, 0.5])["ci"] == [0.5, 0.5]
+    assert ev_stats.paired_test([1, 1], [1, 1], test="mcnemar_exact")["p_value"] == 1.0
+    assert ev_stats.mean_ci([])["mean"] is None and ev_stats.mean_ci([0.5])["ci"] is None
+    assert ev_stats.mean_ci([0.5, 0.5])["ci"] == [0.5, 0.5]
     assert rep.clean_json({"a": (float("nan"), 1)}) == {"a": [None, 1]}
 
 

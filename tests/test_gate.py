@@ -13,8 +13,10 @@ import yaml
 
 import neuraldb
 from evals import report as rep
-from evals.gate import GateError, PolicyError, add_gate_arguments, decide, load_policy, resolve_policy, run_gate
-from evals.general import confidence_interval, paired_test
+from evals import stats
+from evals.decision import GateError, decide
+from evals.gate import add_gate_arguments, run_gate
+from evals.policy import PolicyError, load_policy, resolve_policy
 
 from conftest import SHARED_DATA, tiny_model
 
@@ -83,8 +85,9 @@ def general_task(*, n=100, before=60, after=60, lost=0, rate=0.0):
     for i in range(before, before + gained):
         a[i] = 1.0
     return {"metric": "acc", "n": n, "before": sum(b) / n, "after": sum(a) / n, "higher_is_better": True,
-            "difference": (sum(a) - sum(b)) / n, "ci_before": confidence_interval(b, kind="binary"),
-            "ci_after": confidence_interval(a, kind="binary"), "test": paired_test(b, a, kind="binary"),
+            "difference": (sum(a) - sum(b)) / n, "ci_before": stats.proportion_ci(int(sum(b)), n)["ci"],
+            "ci_after": stats.proportion_ci(int(sum(a)), n)["ci"],
+            "test": stats.paired_test(b, a, test="mcnemar_exact"),
             "firing": {"fires": int(rate * 1000), "positions": 1000, "rate": rate, "examples": n,
                        "examples_fired": 0, "fraction_examples_fired": 0.0}, "metrics": {}}
 

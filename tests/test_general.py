@@ -15,7 +15,8 @@ import neuraldb  # noqa: E402
 from neuraldb import Trace, resolve_arch  # noqa: E402
 from neuraldb.store import layer_fingerprint  # noqa: E402
 
-from evals.general import SIX_TASKS, confidence_interval, paired_test, run_general_tasks  # noqa: E402
+from evals.general import SIX_TASKS, run_general_tasks  # noqa: E402
+from evals.stats import mean_ci, paired_test, perplexity_ci, proportion_ci  # noqa: E402
 from evals.tasks import offline_include_path  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -36,22 +37,22 @@ def offline(tmp_path_factory):
 
 
 def test_wilson_interval_and_mcnemar():
-    low, high = confidence_interval([1] * 8 + [0] * 2, kind="binary")
+    low, high = proportion_ci(8, 10)["ci"]
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    assert confidence_interval([0, 0, 0], kind="binary")[0] == 0.0
-    assert confidence_interval([1, 1], kind="binary")[1] == 1.0
-    test = paired_test([1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], kind="binary")
-    assert (test["b_before_only"], test["c_after_only"]) == (5, 0) and test["p_value"] == pytest.approx(0.0625)
-    assert paired_test([1, 0, 1], [1, 0, 1], kind="binary")["p_value"] == 1.0
+    assert proportion_ci(0, 3)["ci"][0] == 0.0
+    assert proportion_ci(2, 2)["ci"][1] == 1.0
+    test = paired_test([1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0], test="mcnemar_exact")
+    assert (test["lost"], test["gained"]) == (5, 0) and test["p_value"] == pytest.approx(0.0625)
+    assert paired_test([1, 0, 1], [1, 0, 1], test="mcnemar_exact")["p_value"] == 1.0
 
 
 def test_continuous_interval_and_wilcoxon():
     lls = [-1.0, -2.0, -3.0, -2.5]
-    low, high = confidence_interval(lls, kind="perplexity")
+    low, high = perplexity_ci(lls)
     assert low < math.exp(2.125) < high  # perplexity = exp(-mean log-likelihood)
-    assert confidence_interval([0.5], kind="mean") is None
-    assert paired_test(lls, lls, kind="perplexity")["p_value"] == 1.0
-    shifted = paired_test(lls, [x - 1.0 - 0.1 * i for i, x in enumerate(lls)], kind="perplexity")
+    assert mean_ci([0.5])["ci"] is None
+    assert paired_test(lls, lls, test="wilcoxon")["p_value"] == 1.0
+    shifted = paired_test(lls, [x - 1.0 - 0.1 * i for i, x in enumerate(lls)], test="wilcoxon")
     assert shifted["name"] == "wilcoxon" and shifted["nonzero"] == 4 and shifted["mean_difference"] < 0
 
 

@@ -12,6 +12,7 @@ import torch
 import neuraldb
 from evals import release as rel
 from evals.release import ReleaseError
+from neuraldb.io import sha256_file
 
 from conftest import tiny_model
 
@@ -51,7 +52,7 @@ def test_round_trip_loads_the_base_model_and_attaches_the_store(base, tmp_path):
     assert manifest["layer_fingerprint"] == db.fingerprint and manifest["neuraldb_version"] == neuraldb.__version__
     store_entry = manifest["files"]["store"]
     assert store_entry["size"] == (out / "store.safetensors").stat().st_size
-    assert store_entry["sha256"] == rel.sha256_file(out / "store.safetensors")
+    assert store_entry["sha256"] == sha256_file(out / "store.safetensors")
     assert manifest["files"]["report"]["kind"] == "gate" and manifest["gate"]["passed"] is True
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 

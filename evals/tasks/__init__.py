@@ -25,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from neuraldb.io import atomic_dir
 
 __all__ = ["SIX_TASKS", "TEMPLATES", "lm_eval_tasks_dir", "offline_include_path"]
 
@@ -112,16 +112,7 @@ def offline_include_path(data_dir: str | os.PathLike[str], *, cache_dir: str | o
     folder = root.expanduser().resolve() / key
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=folder.parent))
-    try:
+    with atomic_dir(folder, existing="keep") as tmp:  # "keep": another process finished first
         for name, text in files.items():
             (tmp / name).write_text(text)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():  # not "another process finished first"
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
