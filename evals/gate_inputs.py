@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from evals import report as rep
 from evals.decision import GateError
 from evals.policy import Policy
+from neuraldb import config
 
 __all__ = [
     "check_gamma", "check_report_is_of", "judged_sources", "load_base", "load_judged", "prepare_store", "read_report",
@@ -87,9 +88,9 @@ def prepare_store(db: Any, model: Any, gamma: float | None) -> Any:
     return db
 
 
-def check_gamma(gamma: Any) -> None:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not -1.0 <= gamma <= 1.0:
-        raise GateError(f"gamma={gamma!r} is not a cosine threshold; use a value in [-1, 1] (--gamma)")
+def check_gamma(gamma: Any) -> float:
+    """``gamma`` (``--gamma``) as a float if it is a cosine threshold, else a GateError."""
+    return config.check_gamma(gamma, where="gamma", error=GateError)
 
 
 def load_base(model: Any, db: Any, device: Any, dtype: Any) -> tuple[Any, Any]:

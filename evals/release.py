@@ -58,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from neuraldb.config import check_gamma
 from neuraldb.io import atomic_dir, sha256_file
 from neuraldb.store import NeuralDB, StoreError
 
@@ -257,9 +258,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
             raise ReleaseError(f"{path}: files.{role} lacks {', '.join(lacking)}; write the release again")
         if Path(entry["path"]).name != entry["path"]:
             raise ReleaseError(f"{path}: files.{role}.path {entry['path']!r} must be a file name inside the release")
-    gamma = manifest["gamma"]
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not -1.0 <= gamma <= 1.0:
-        raise ReleaseError(f"{path}: gamma={gamma!r} is not a cosine threshold; set it to a number in [-1, 1]")
+    check_gamma(manifest["gamma"], where=f"{path}: gamma", error=ReleaseError)
     for key in ("layer", "facts"):
         if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 0:
             raise ReleaseError(f"{path}: field {key!r} must be an integer >= 0, got {manifest[key]!r}")
@@ -314,9 +313,7 @@ def load_store(directory: str | os.PathLike, *, model: Any = None, gamma: float 
     if mismatch:
         raise ReleaseError(f"{folder}: the manifest does not describe its store ({'; '.join(mismatch)}); "
                            "the release is inconsistent: write it again")
-    release_gamma = float(manifest["gamma"] if gamma is None else gamma)
-    if not -1.0 <= release_gamma <= 1.0:
-        raise ReleaseError(f"gamma={release_gamma} is not a cosine threshold; use a value in [-1, 1]")
+    release_gamma = check_gamma(manifest["gamma"] if gamma is None else gamma, where="gamma", error=ReleaseError)
     if release_gamma != db.gamma:
         log.info("release %s: gamma %s (the store file says %s)", folder, release_gamma, db.gamma)
     db.gamma = release_gamma
@@ -348,8 +345,8 @@ def load_release(
     """
     folder = Path(directory)
     manifest = verify_release(folder)
-    if gamma is not None and (isinstance(gamma, bool) or not -1.0 <= float(gamma) <= 1.0):
-        raise ReleaseError(f"gamma={gamma!r} is not a cosine threshold; use a value in [-1, 1]")
+    if gamma is not None:
+        check_gamma(gamma, where="gamma", error=ReleaseError)
     if model is None:
         from neuraldb.models import load_model
 
