@@ -35,7 +35,7 @@ def _csv(text: str) -> list[str]:
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="built-in alias or local model directory")
     p.add_argument("--dataset", default="counterfact", help="counterfact, zsre, or a CounterFact/zsRE file")
-    p.add_argument("--split", default="eval", help="data-dir split for a dataset name: eval (default) or train")
+    p.add_argument("--split", default="eval", help="data-dir split for a dataset name: eval (default) or train; for a hub dataset id, its split")
     p.add_argument("--n", type=int, default=100, help="edit and evaluate the first N cases (default 100)")
     p.add_argument("--store", help="evaluate this saved store (its facts among the dataset's) instead of editing")
     p.add_argument("--output-dir", help="report.json/report.md, the resumable case log and the edit checkpoint")
@@ -66,14 +66,16 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_cases(args: argparse.Namespace) -> Any:
     from evals.datasets import load_any, load_counterfact, load_zsre
+    from evals.hf_datasets import is_hub_id
 
     name = args.dataset.lower()
     if name in ("counterfact", "zsre"):
         loader = load_counterfact if name == "counterfact" else load_zsre
         return loader(data_dir=args.data_dir, split=args.split, limit=args.n, skip_invalid=True)
-    if not Path(args.dataset).is_file():
-        raise FileNotFoundError(f"--dataset {args.dataset!r} is neither counterfact, zsre nor a file")
-    return load_any(args.dataset, limit=args.n, skip_invalid=True)
+    if not Path(args.dataset).is_file() and not is_hub_id(args.dataset):
+        raise FileNotFoundError(f"--dataset {args.dataset!r} is neither counterfact, zsre, a file nor a hub dataset id "
+                                "('org/name')")
+    return load_any(args.dataset, limit=args.n, skip_invalid=True, split=args.split)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

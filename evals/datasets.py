@@ -6,8 +6,15 @@ Example::
     cases.report.summary()                        # '.../counterfact.json (rome): 100 of 100 records loaded'
     cases = load_zsre("zsre_mend_eval.json", skip_invalid=True)
     [c.fact for c in cases]                       # neuraldb.Fact objects, ready to edit
+    cases = load_counterfact(dataset_dict, split="test")   # a datasets.Dataset / DatasetDict
+    cases = load_counterfact("azhx/counterfact", split="test")  # a hub dataset id, when online
+    cases.to_dataset()                            # a datasets.Dataset, one row per case
 
 Where the data comes from (first that applies):
+  0. ``source``: a ``datasets.Dataset`` / ``DatasetDict`` (its ``split``), or a hub dataset id
+     (``org/name`` that is not an existing path) read with ``datasets.load_dataset(id, split=split)``;
+     offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``, or no answer from the hub) that is an
+     error naming the id and the fix. ``datasets`` is imported only then (:mod:`evals.hf_datasets`).
   1. ``source``: a local path, a ``file://`` URL, or an ``http(s)://`` URL (downloaded once
      into the cache dir; pass ``sha256=`` to pin it).
   2. ``data_dir=`` or ``$NEURALDB_DATA_DIR``: a folder laid out like ``DATA_DIR_LAYOUT``
@@ -24,7 +31,10 @@ Where the data comes from (first that applies):
 Record formats: CounterFact in ROME's schema (``requested_rewrite``...) or the MEND/EasyEdit
 schema (``prompt`` with the subject filled in, ``ground_truth``, ``rephrase_prompt``...),
 detected from the first record; zsRE in the MEND schema (``src, subject, alt, answers,
-rephrase, loc, loc_ans``). A malformed record is a :class:`DatasetError` naming the file,
+rephrase, loc, loc_ans``); and for both, the rows of :meth:`EvalCases.to_dataset` (``evalcase``: case_id,
+kind, subject, prompt with ``{}``, target_new, target_true, paraphrases, neighborhood, ...), so that
+the cases round-trip through a Dataset or its JSON export. A Dataset row's ``None`` (Arrow's fill
+for a field the record lacks) reads as a missing field. A malformed record is a :class:`DatasetError` naming the file,
 the record, the field and the fix; with ``skip_invalid=True`` it is skipped, logged, and
 listed in ``cases.report.skipped``. ``offset``/``limit`` slice the raw records before
 validation, so ``case_id``/record indices stay those of the file.
@@ -112,6 +122,15 @@ class EvalCases(list):
     def __init__(self, cases: Sequence[EvalCase], report: LoadReport):
         super().__init__(cases)
         self.report = report
+
+    def to_dataset(self) -> Any:
+        """A ``datasets.Dataset``, one row per case (columns: ``evals.hf_datasets.FEATURE_TYPES``).
+
+        The loaders read it back to the same cases: ``load_counterfact(cases.to_dataset()) == cases``.
+        """
+        from evals.hf_datasets import to_dataset
+
+        return to_dataset(self, description=self.report.summary())
 
 
 def editable_cases(cases: Sequence[EvalCase], tokenizer: Any, config: Any = None) -> tuple[EvalCases, list[str]]:
@@ -384,6 +403,44 @@ def _counterfact_mend(rec: Mapping[str, Any], index: int, source: str) -> EvalCa
     return EvalCase(case_id=cid, kind="counterfact", fact=fact)
 
 
+def _opt_str(rec: Mapping[str, Any], key: str) -> str | None:
+    return None if rec.get(key) is None else _str(rec, key)
+
+
+def _opt_strs(rec: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    return () if rec.get(key) is None else _strs(rec, key)
+
+
+def _evalcase(rec: Mapping[str, Any], index: int, source: str, *, kind: Kind) -> EvalCase:
+    """A row of :meth:`EvalCases.to_dataset` (or its JSON export)."""
+    cid = _case_id(rec)
+    if _str(rec, "kind") != kind:
+        raise _Bad("kind", f"is {rec['kind']!r}, not {kind!r}", f"load it with load_{rec['kind']} or load_any")
+    prompt = _str(rec, "prompt")
+    if prompt.count("{}") != 1:
+        raise _Bad("prompt", "must contain exactly one '{}'", "put '{}' where the subject goes")
+    meta: Any = {"source": source, "index": index, "format": "evalcase"}
+    if rec.get("meta") is not None:
+        try:
+            meta = json.loads(_str(rec, "meta"))
+        except json.JSONDecodeError as exc:
+            raise _Bad("meta", f"is not JSON ({exc})", "store the fact's meta as a JSON object string") from None
+        if not isinstance(meta, dict):
+            raise _Bad("meta", f"must be a JSON object, got {type(meta).__name__}", "store a JSON object string")
+    fact = _fact(prompt=_no_braces(prompt, "prompt"), subject=_str(rec, "subject"), target_new=_str(rec, "target_new"),
+                 target_true=_opt_str(rec, "target_true"), paraphrases=_opt_strs(rec, "paraphrases"),
+                 neighborhood=_opt_strs(rec, "neighborhood"), aliases=_opt_strs(rec, "aliases"),
+                 id=_opt_str(rec, "id") or f"{kind}-{cid}", meta=meta)
+    return EvalCase(case_id=cid, kind=kind, fact=fact, generation_prompts=_opt_strs(rec, "generation_prompts"),
+                    attribute_prompts=_opt_strs(rec, "attribute_prompts"), loc_prompt=_opt_str(rec, "loc_prompt"),
+                    loc_answer=_opt_str(rec, "loc_answer"), relation_id=_opt_str(rec, "relation_id"),
+                    target_new_id=_opt_str(rec, "target_new_id"))
+
+
+def _is_evalcase(first: Any) -> bool:
+    return isinstance(first, Mapping) and "kind" in first and "paraphrases" in first and "target_new" in first
+
+
 def _zsre(rec: Mapping[str, Any], index: int, source: str, *, target: str, loc_suffix: str) -> EvalCase:
     subject, src = _str(rec, "subject"), _str(rec, "src")
     answers = _get(rec, "answers")
@@ -408,6 +465,8 @@ def _detect_counterfact(records: Sequence[Any], source: str) -> str:
     first = next((r for r in records if isinstance(r, Mapping)), None)
     if first is None:
         raise DatasetError(f"{source}: no JSON object among the records; is it a CounterFact file?")
+    if _is_evalcase(first):
+        return "evalcase"
     if "requested_rewrite" in first:
         return "rome"
     if "prompt" in first and ("ground_truth" in first or "rephrase_prompt" in first):
@@ -449,31 +508,39 @@ def _parse(records: Sequence[Any], build: Any, *, source: str, fmt: str, skip_in
 
 def parse_counterfact(records: Sequence[Any], *, source: str = "<records>", format: str = "auto",
                       skip_invalid: bool = False, index_offset: int = 0) -> EvalCases:
-    """CounterFact records (already parsed JSON) to :class:`EvalCases`; ``format``: auto/rome/mend."""
+    """CounterFact records (parsed JSON or Dataset rows) to :class:`EvalCases`; ``format``: auto/rome/mend/evalcase."""
     fmt = _detect_counterfact(records, source) if format == "auto" else format
-    if fmt not in ("rome", "mend"):
-        raise DatasetError(f"unknown CounterFact format {format!r}; choose 'auto', 'rome' or 'mend'")
-    build = _counterfact_rome if fmt == "rome" else _counterfact_mend
+    if fmt not in ("rome", "mend", "evalcase"):
+        raise DatasetError(f"unknown CounterFact format {format!r}; choose 'auto', 'rome', 'mend' or 'evalcase'")
+    build = {"rome": _counterfact_rome, "mend": _counterfact_mend,
+             "evalcase": lambda rec, index, src: _evalcase(rec, index, src, kind="counterfact")}[fmt]
     return _parse(records, build, source=source, fmt=fmt, skip_invalid=skip_invalid, index_offset=index_offset)
 
 
 def parse_zsre(records: Sequence[Any], *, source: str = "<records>", skip_invalid: bool = False,
-               target: str = "answers", loc_suffix: str = "?", index_offset: int = 0) -> EvalCases:
-    """zsRE MEND records to :class:`EvalCases`.
+               target: str = "answers", loc_suffix: str = "?", index_offset: int = 0,
+               format: str = "auto") -> EvalCases:
+    """zsRE MEND records (or :meth:`EvalCases.to_dataset` rows, ``format="evalcase"``) to :class:`EvalCases`.
 
     ``target="answers"`` (the default) edits to ``answers[0]`` as ROME/MEMIT/AlphaEdit's
     ``MENDQADataset`` does: that is the published protocol, and the pre-edit rows the NeuralDB
     paper reports come from it (``target_true`` is then None). ``target="alt"`` edits to ``alt``
     (EasyEdit's convention) with ``target_true=answers[0]``. ``loc_suffix="?"`` follows the same
-    code, which appends '?' to the NQ question.
+    code, which appends '?' to the NQ question. ``evalcase`` rows keep their own targets and prompts.
     """
     if target not in ("alt", "answers"):
         raise DatasetError(f"unknown zsRE target {target!r}; choose 'alt' or 'answers'")
+    if format == "auto":
+        format = "evalcase" if _is_evalcase(next((r for r in records if isinstance(r, Mapping)), None)) else "mend"
+    if format not in ("mend", "evalcase"):
+        raise DatasetError(f"unknown zsRE format {format!r}; choose 'auto', 'mend' or 'evalcase'")
 
     def build(rec: Mapping[str, Any], index: int, src: str) -> EvalCase:
+        if format == "evalcase":
+            return _evalcase(rec, index, src, kind="zsre")
         return _zsre(rec, index, src, target=target, loc_suffix=loc_suffix)
 
-    return _parse(records, build, source=source, fmt="mend", skip_invalid=skip_invalid, index_offset=index_offset)
+    return _parse(records, build, source=source, fmt=format, skip_invalid=skip_invalid, index_offset=index_offset)
 
 
 def _window(records: list[Any], offset: int, limit: int | None) -> list[Any]:
@@ -482,35 +549,57 @@ def _window(records: list[Any], offset: int, limit: int | None) -> list[Any]:
     return records[offset: None if limit is None else offset + limit]
 
 
-def load_counterfact(source: str | os.PathLike | None = None, *, data_dir: str | os.PathLike | None = None,
+Source = Any  # str | os.PathLike | datasets.Dataset | datasets.DatasetDict | None
+
+
+def _records(kind: Kind, source: Source, *, data_dir: str | os.PathLike | None, split: str, offset: int,
+             limit: int | None, sha256: str | None, cache_dir: str | os.PathLike | None) -> tuple[list[Any], str]:
+    """The raw records (``offset``/``limit`` applied) and the name of where they came from."""
+    from evals import hf_datasets  # imports no ``datasets`` until a Dataset or hub id needs it
+
+    if hf_datasets.is_dataset(source) or hf_datasets.is_hub_id(source):
+        if sha256 is not None:
+            raise DatasetError("sha256= checks a file; a datasets.Dataset or hub dataset id has none to check")
+        return hf_datasets.records_from(source, split=split, offset=offset, limit=limit)
+    path = resolve_source(kind, source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir)
+    return _window(_read_records(path), offset, limit), str(path)
+
+
+def load_counterfact(source: Source = None, *, data_dir: str | os.PathLike | None = None,
                      split: str = "eval", limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
                      format: str = "auto", sha256: str | None = None,
                      cache_dir: str | os.PathLike | None = None) -> EvalCases:
-    """Load CounterFact (ROME or MEND/EasyEdit schema) as :class:`EvalCases`; see the module docstring."""
-    path = resolve_source("counterfact", source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir)
-    records = _window(_read_records(path), offset, limit)
-    return parse_counterfact(records, source=str(path), format=format, skip_invalid=skip_invalid,
-                             index_offset=offset)
+    """Load CounterFact (ROME or MEND/EasyEdit schema) as :class:`EvalCases`; see the module docstring.
+
+    ``source``: a file, URL, ``datasets.Dataset`` / ``DatasetDict`` (``split`` picks its split) or hub
+    dataset id; None reads the data dir, else the public file. ``split`` names the data dir's file,
+    the DatasetDict's split or the hub split.
+    """
+    records, name = _records("counterfact", source, data_dir=data_dir, split=split, offset=offset, limit=limit,
+                             sha256=sha256, cache_dir=cache_dir)
+    return parse_counterfact(records, source=name, format=format, skip_invalid=skip_invalid, index_offset=offset)
 
 
-def load_zsre(source: str | os.PathLike | None = None, *, data_dir: str | os.PathLike | None = None,
+def load_zsre(source: Source = None, *, data_dir: str | os.PathLike | None = None,
               split: str = "eval", limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
               target: str = "answers", loc_suffix: str = "?", sha256: str | None = None,
               cache_dir: str | os.PathLike | None = None) -> EvalCases:
     """Load zsRE (MEND schema) as :class:`EvalCases`; ``case_id`` is the record index in the file.
 
-    ``target``: ``"answers"`` (default: edit to ``answers[0]``, the ROME/MEMIT/AlphaEdit protocol)
-    or ``"alt"`` (EasyEdit's); see :func:`parse_zsre`.
+    ``source`` and ``split`` as in :func:`load_counterfact`. ``target``: ``"answers"`` (default: edit
+    to ``answers[0]``, the ROME/MEMIT/AlphaEdit protocol) or ``"alt"`` (EasyEdit's); see :func:`parse_zsre`.
     """
-    path = resolve_source("zsre", source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir)
-    records = _window(_read_records(path), offset, limit)
-    return parse_zsre(records, source=str(path), skip_invalid=skip_invalid, target=target,
+    records, name = _records("zsre", source, data_dir=data_dir, split=split, offset=offset, limit=limit,
+                             sha256=sha256, cache_dir=cache_dir)
+    return parse_zsre(records, source=name, skip_invalid=skip_invalid, target=target,
                       loc_suffix=loc_suffix, index_offset=offset)
 
 
 def detect_kind(records: Sequence[Any], source: str = "<records>") -> Kind:
-    """'counterfact' or 'zsre', from the first record's keys."""
+    """'counterfact' or 'zsre', from the first record's keys (an ``evalcase`` row's ``kind``)."""
     first = next((r for r in records if isinstance(r, Mapping)), None) or {}
+    if _is_evalcase(first) and first.get("kind") in ("counterfact", "zsre"):
+        return first["kind"]
     if "requested_rewrite" in first or ("prompt" in first and ("ground_truth" in first or "rephrase_prompt" in first)):
         return "counterfact"
     if "src" in first and "loc" in first:
@@ -520,11 +609,14 @@ def detect_kind(records: Sequence[Any], source: str = "<records>") -> Kind:
                        f"{keys}; use load_counterfact or load_zsre")
 
 
-def load_any(source: str | os.PathLike, *, limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
-             target: str = "answers", sha256: str | None = None) -> EvalCases:
-    """Load a CounterFact or zsRE file, whichever it is (see :func:`detect_kind`); zsRE uses ``target``."""
-    path = resolve_source("counterfact", source, sha256=sha256)
-    records = _window(_read_records(path), offset, limit)
-    if detect_kind(records, str(path)) == "zsre":
-        return parse_zsre(records, source=str(path), skip_invalid=skip_invalid, target=target, index_offset=offset)
-    return parse_counterfact(records, source=str(path), skip_invalid=skip_invalid, index_offset=offset)
+def load_any(source: Source, *, limit: int | None = None, offset: int = 0, skip_invalid: bool = False,
+             target: str = "answers", sha256: str | None = None, split: str = "eval") -> EvalCases:
+    """Load a CounterFact or zsRE file, Dataset or hub id, whichever it is (see :func:`detect_kind`).
+
+    zsRE uses ``target``; ``split`` picks a DatasetDict's or the hub's split.
+    """
+    records, name = _records("counterfact", source, data_dir=None, split=split, offset=offset, limit=limit,
+                             sha256=sha256, cache_dir=None)
+    if detect_kind(records, name) == "zsre":
+        return parse_zsre(records, source=name, skip_invalid=skip_invalid, target=target, index_offset=offset)
+    return parse_counterfact(records, source=name, skip_invalid=skip_invalid, index_offset=offset)

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from evals import report as rep
 from evals.datasets import EvalCase, EvalCases, LoadReport, load_any, load_counterfact, load_zsre
+from evals.hf_datasets import is_dataset, is_hub_id
 from evals.metrics import chat as chat_metric
 from evals.metrics import mentions as mention_metric
 from evals.metrics.consistency import consistency_scores, load_tfidf_reference
@@ -167,14 +168,18 @@ def _load_dataset(dataset: Any, *, data_dir: Any, split: str) -> EvalCases:
     if isinstance(dataset, str) and dataset.lower() in ("counterfact", "zsre"):
         loader = load_counterfact if dataset.lower() == "counterfact" else load_zsre
         return loader(data_dir=data_dir, split=split, skip_invalid=True)
+    if is_dataset(dataset) or is_hub_id(dataset):  # a datasets.Dataset / DatasetDict, or "org/name" on the hub
+        return load_any(dataset, skip_invalid=True, split=split)
     if isinstance(dataset, (str, os.PathLike)):
         if not Path(dataset).exists():
-            raise FileNotFoundError(f"dataset {str(dataset)!r} is neither 'counterfact', 'zsre' nor an existing file")
+            raise FileNotFoundError(f"dataset {str(dataset)!r} is neither 'counterfact', 'zsre', an existing file "
+                                    "nor a hub dataset id ('org/name')")
         return load_any(dataset, skip_invalid=True)
     cases = list(dataset)
     bad = [type(c).__name__ for c in cases if not isinstance(c, EvalCase)]
     if bad:
-        raise ValueError(f"dataset must be 'counterfact', 'zsre', a path or a list of EvalCase; got a {bad[0]}")
+        raise ValueError(f"dataset must be 'counterfact', 'zsre', a path, a hub id, a datasets.Dataset or a list of "
+                         f"EvalCase; got a {bad[0]}")
     report = getattr(dataset, "report", None)
     if not isinstance(report, LoadReport):
         report = LoadReport("<given cases>", "evalcase", len(cases), len(cases))
@@ -679,7 +684,8 @@ def evaluate(
         limit: evaluate at most this many cases (the first ones).
         metrics: names (see ``METRICS`` and the opt-in ``EXTRA_METRICS``); default all of ``METRICS``.
         only_stored: evaluate only the cases whose ``fact.id`` is in the store (an error
-            if none is). Default: True for a name or path, False for a list of cases.
+            if none is). Default: True for a name, path, hub id or datasets.Dataset; False for a
+            list of cases.
         output_dir: makes the run resumable and receives report.json / report.md.
         general_tasks: lm-eval tasks ("all" = the six of the paper) run by
             ``evals.general.run_general_tasks``, ``general_limit`` examples per task.
@@ -706,7 +712,7 @@ def evaluate(
     t0 = time.perf_counter()
     loaded = _load_dataset(dataset, data_dir=data_dir, split=split)
     if only_stored is None:
-        only_stored = isinstance(dataset, (str, os.PathLike))
+        only_stored = isinstance(dataset, (str, os.PathLike)) or is_dataset(dataset)  # a data source, not chosen cases
     cases, warnings = select_cases(loaded, db, only_stored=only_stored, limit=limit)
     if not cases:
         raise ValueError("no case to evaluate (limit=0 or an empty dataset)")

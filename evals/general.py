@@ -55,6 +55,7 @@ import numpy as np
 
 from evals import stats
 from evals.tasks import SIX_TASKS
+from neuraldb.hook import detached
 from neuraldb.io import default_data_dir
 
 __all__ = ["SIX_TASKS", "run_general_tasks"]
@@ -109,10 +110,7 @@ def run_general_tasks(
     loaded = manager.load(tasks)
     objects = [loaded["groups"].get(name) or loaded["tasks"][name] for name in tasks]
 
-    attached = getattr(model, "_neuraldb_store", None)
-    if attached is not None:
-        attached.detach()
-    try:
+    with detached(model):  # the harness attaches the store itself for the "after" run
         lm = NeuralDBLM(pretrained=model, tokenizer=tokenizer, db=db, batch_size=batch_size)
         runs = {}
         for name, edited in (("before", False), ("after", True)):
@@ -123,9 +121,6 @@ def run_general_tasks(
                 bootstrap_iters=bootstrap_iters, log_samples=True,
             )
         firing = list(lm.firing)
-    finally:
-        if attached is not None:
-            attached.attach(model, check=False)
 
     leaves = _leaves(runs["before"].get("group_subtasks") or {})
     report_tasks = {

@@ -336,3 +336,208 @@ def test_shared_data_loads(monkeypatch):
     train = load_zsre(split="train", skip_invalid=True, target="alt")
     assert (len(train), len(train.report.skipped)) == (998, 2)
     assert len(load_zsre(split="train")) == 1000  # default target="answers"
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+# Records come from the shared data dir (NEURALDB_DATA_DIR); Datasets are built in memory; no test
+# contacts the hub: load_dataset is monkeypatched and the endpoint probe goes to a local server.
+
+datasets = pytest.importorskip("datasets")
+from evals import hf_datasets  # noqa: E402
+from evals.datasets import load_any  # noqa: E402
+
+N = 12
+SHARED_FILES = {  # (loader, file under the data dir, format)
+    "rome": (load_counterfact, "counterfact_rome/counterfact_rome_test2191.json", "rome"),
+    "mend": (load_counterfact, "counterfact/counterfact-edit.json", "mend"),
+    "zsre": (load_zsre, "zsre/zsre_mend_train-1k.json", "mend"),
+}
+
+
+def shared_records(shared_data: Path, name: str, n: int = N) -> list:
+    return json.loads((shared_data / SHARED_FILES[name][1]).read_text(encoding="utf-8"))[:n]
+
+
+@pytest.fixture()
+def online(monkeypatch, http_root):
+    """Online as far as the loaders can tell: no offline flags, the hub endpoint a local server."""
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", http_root[1])
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_FILES))
+def test_dataset_input_gives_the_json_cases(shared_data, tmp_path, name):
+    loader, _, fmt = SHARED_FILES[name]
+    records = shared_records(shared_data, name)
+    from_json = loader(write(tmp_path / "data.json", records))
+    ds = datasets.Dataset.from_list(records)
+    cases = loader(ds)
+    assert cases == from_json and len(cases) == N and cases.report.format == fmt
+    assert cases.report.source == "datasets.Dataset" and cases.report.loaded == N
+    assert [c.fact.paraphrases for c in cases] == [c.fact.paraphrases for c in from_json]
+    assert load_any(ds) == from_json
+    window = loader(ds, offset=3, limit=4)
+    assert window == from_json[3:7] and window.report.records == 4
+    assert [c.case_id for c in window] == [c.case_id for c in from_json[3:7]]  # zsRE: index in the Dataset
+    assert loader(ds.to_iterable_dataset(), offset=3, limit=4) == from_json[3:7]
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_FILES))
+def test_dataset_dict_split(shared_data, name):
+    loader = SHARED_FILES[name][0]
+    records = shared_records(shared_data, name)
+    dd = datasets.DatasetDict(train=datasets.Dataset.from_list(records[:8]),
+                              test=datasets.Dataset.from_list(records[8:]))
+    test = loader(dd, split="test")
+    assert len(test) == N - 8 and test.report.source == "datasets.DatasetDict['test']"
+    assert test == loader(datasets.Dataset.from_list(records[8:]))
+    assert len(loader(dd, split="train")) == 8
+    with pytest.raises(DatasetError, match=r"no split 'eval'; available splits: \['test', 'train'\]"):
+        loader(dd)  # the default split="eval" is not among them
+    with pytest.raises(DatasetError, match="no split 'validation'"):
+        load_any(dd, split="validation")
+
+
+def test_hub_id_loads_with_load_dataset(shared_data, monkeypatch, online):
+    records = shared_records(shared_data, "rome")
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kw):
+        calls.append((path, split, kw))
+        return datasets.Dataset.from_list(records)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cases = load_counterfact("azhx/counterfact", split="test", limit=5)
+    assert calls == [("azhx/counterfact", "test", {})]
+    assert cases == load_counterfact(datasets.Dataset.from_list(records), limit=5)
+    assert cases.report.source == "azhx/counterfact['test']" and cases.report.format == "rome"
+    assert load_any("azhx/counterfact", split="test").report.loaded == N
+
+    def failing(path, split=None, **kw):
+        raise ValueError('Unknown split "eval". Should be one of [\'train\', \'test\'].')
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    with pytest.raises(DatasetError, match="could not load hub dataset 'azhx/counterfact' split 'eval'.*Unknown split"):
+        load_counterfact("azhx/counterfact")
+    with pytest.raises(DatasetError, match="sha256= checks a file"):
+        load_zsre("org/zsre", sha256="0" * 64)
+
+
+def refuse_hub(*args, **kwargs):
+    raise AssertionError("the hub must not be called")
+
+
+@pytest.mark.parametrize("flag", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_hub_id_offline_fails_fast(monkeypatch, flag):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(flag, "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never probed: the flag is checked first
+    monkeypatch.setattr(datasets, "load_dataset", refuse_hub)
+    with pytest.raises(DatasetError) as info:
+        load_zsre("org/zsre-mend", split="train")
+    msg = str(info.value)
+    assert "'org/zsre-mend'" in msg and flag in msg and "local file" in msg and "data_dir=" in msg
+
+
+def test_hub_id_unreachable_fails_fast(monkeypatch, online):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a local port with nobody listening: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(datasets, "load_dataset", refuse_hub)
+    start = time.monotonic()
+    with pytest.raises(DatasetError, match="'azhx/counterfact' cannot be loaded: .* did not answer.*local file"):
+        load_counterfact("azhx/counterfact", split="test")
+    assert time.monotonic() - start < hf_datasets.PROBE_TIMEOUT
+
+
+def test_hub_id_is_only_an_org_name_string(tmp_path, monkeypatch):
+    assert hf_datasets.is_hub_id("azhx/counterfact") and hf_datasets.is_hub_id("org/name.v2")
+    for text in ("counterfact", "zsre", "data/cf.json", "data/z.jsonl", "./org/name", "/abs/path", "a/b/c",
+                 "https://example.org/x", "org/../name"):
+        assert not hf_datasets.is_hub_id(text), text
+    assert not hf_datasets.is_hub_id(Path("org/name"))
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "org" / "name", ZSRE)
+    assert not hf_datasets.is_hub_id("org/name")  # an existing path wins
+    assert len(load_zsre("org/name")) == 2
+    with pytest.raises(DatasetError, match="is not a file"):
+        load_zsre("data/missing.json")  # a missing file stays a file error, offline as before
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_FILES))
+def test_to_dataset_round_trip(shared_data, tmp_path, name):
+    loader = SHARED_FILES[name][0]
+    cases = loader(write(tmp_path / "data.json", shared_records(shared_data, name)))
+    ds = cases.to_dataset()
+    assert len(ds) == N and set(hf_datasets.FEATURE_TYPES) == set(ds.column_names)
+    row, c = ds[0], cases[0]
+    assert (row["case_id"], row["kind"], row["subject"], row["prompt"]) == (c.case_id, c.kind, c.fact.subject,
+                                                                            c.fact.prompt)
+    assert (row["target_new"], row["target_true"]) == (c.fact.target_new, c.fact.target_true)
+    assert row["paraphrases"] == list(c.fact.paraphrases) and row["neighborhood"] == list(c.fact.neighborhood)
+    assert cases.report.summary() == ds.info.description
+    back = loader(ds)
+    assert back == cases and back.report.format == "evalcase"
+    assert [b.fact.meta for b in back] == [c.fact.meta for c in cases]  # meta is not compared by ==
+    assert [b.fact.id for b in back] == [c.fact.id for c in cases]
+    assert load_any(ds) == cases
+    ds.to_json(tmp_path / "cases.jsonl")  # the JSON export loads too
+    assert loader(tmp_path / "cases.jsonl") == cases
+    other = load_zsre if loader is load_counterfact else load_counterfact
+    with pytest.raises(DatasetError, match="record 0 .*field 'kind' is"):
+        other(ds)
+
+
+def test_zsre_round_trip_keeps_targets(shared_data, tmp_path):
+    cases = load_zsre(write(tmp_path / "z.json", shared_records(shared_data, "zsre")), target="alt", loc_suffix="")
+    assert load_zsre(cases.to_dataset()) == cases  # the rows' targets, not the default target="answers"
+    assert all(b.loc_prompt == c.loc_prompt for b, c in zip(load_zsre(cases.to_dataset()), cases))
+
+
+def test_to_dataset_of_an_empty_selection():
+    ds = parse_zsre([]).to_dataset()
+    assert len(ds) == 0 and ds.features["paraphrases"].feature.dtype == "string"
+    assert len(load_zsre(ds)) == 0
+
+
+def test_malformed_dataset_records(shared_data):
+    rome = shared_records(shared_data, "rome", 3)
+    rome[1] = copy.deepcopy(rome[1])
+    del rome[1]["requested_rewrite"]["target_new"]  # Arrow fills it with None: read as missing
+    with pytest.raises(DatasetError) as info:
+        load_counterfact(datasets.Dataset.from_list(rome))
+    msg = str(info.value)
+    assert msg.startswith("datasets.Dataset: record 1 (case_id") and "'requested_rewrite.target_new' is missing" in msg
+    mend = shared_records(shared_data, "mend", 4)
+    mend[2] = {**mend[2], "subject": "Nobody Anywhere"}
+    mend[3] = {**mend[3], "target_new": ""}
+    dd = datasets.DatasetDict(test=datasets.Dataset.from_list(mend))
+    with pytest.raises(DatasetError, match=r"DatasetDict\['test'\]: record 2 .*field 'prompt' does not contain"):
+        load_counterfact(dd, split="test")
+    cases = load_counterfact(dd, split="test", skip_invalid=True)
+    assert len(cases) == 2 and [(s.index, s.field) for s in cases.report.skipped] == [(2, "prompt"), (3, "target_new")]
+    zs = shared_records(shared_data, "zsre", 3)
+    zs[0] = {**zs[0], "alt": None}
+    with pytest.raises(DatasetError, match="record 0: field 'alt' is missing"):
+        load_zsre(datasets.Dataset.from_list(zs), target="alt")
+    assert load_zsre(datasets.Dataset.from_list(zs), target="alt", skip_invalid=True).report.loaded == 2
+    rows = load_zsre(datasets.Dataset.from_list(zs)).to_dataset().to_list()
+    rows[1]["prompt"] = "no slot here"
+    with pytest.raises(DatasetError, match="record 1 .*field 'prompt' must contain exactly one"):
+        load_zsre(datasets.Dataset.from_list(rows))
+
+
+def test_datasets_is_imported_only_when_needed(shared_data):
+    import subprocess
+    import sys
+
+    code = ("import sys; from evals.datasets import load_counterfact, load_zsre; "
+            f"load_counterfact(data_dir={str(shared_data)!r}, limit=2); load_zsre(data_dir={str(shared_data)!r}); "
+            "assert 'datasets' not in sys.modules, 'datasets was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

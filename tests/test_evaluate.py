@@ -226,6 +226,12 @@ def test_dataset_path_selects_the_stored_cases(edited, tmp_path):
                            config=CFG, progress=False)
     r = neuraldb.evaluate(model, stored, tokenizer=tok, dataset=path, metrics="efficacy specificity", **FAST)
     assert [c["fact_id"] for c in r["cases"]] == ["counterfact-1"] and list(r["metrics"]) == ["efficacy", "specificity"]
+    from datasets import Dataset, DatasetDict  # the same records as a datasets.Dataset, or a DatasetDict's split
+
+    for given in (Dataset.from_list(records), DatasetDict({"eval": Dataset.from_list(records)})):
+        again = neuraldb.evaluate(model, stored, tokenizer=tok, dataset=given, metrics="efficacy specificity", **FAST)
+        assert [c["fact_id"] for c in again["cases"]] == ["counterfact-1"]
+        assert again["metrics"]["efficacy"] == r["metrics"]["efficacy"]
     assert r["dataset"]["only_stored"] is True and r["dataset"]["load_report"]["records"] == 3
     assert "fluency" not in r["metrics"] and "generation" not in r["gate"]["groups"]
     r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, limit=2, metrics=["efficacy"], **FAST)
