@@ -27,7 +27,7 @@ import neuraldb
 from _common import add_model_arguments, device_name, load, synchronizer
 from neuraldb import EditConfig, TraceDict
 from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
-from neuraldb.residuals import _build
+from neuraldb.residual_batch import _build
 
 
 def naive_residual(model, tok, fact, *, layer, templates, cfg: EditConfig, arch) -> torch.Tensor:
