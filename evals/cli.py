@@ -9,7 +9,7 @@ Example::
 Each sub-command ``NAME`` is a pair ``add_NAME_arguments(parser)`` / ``run_NAME(args) -> int``
 (exit code), named as ``"evals.cli:add_NAME_arguments"`` / ``"evals.cli:run_NAME"`` in
 ``neuraldb.cli.COMMANDS``; the other sub-commands live in their own modules (``evals.gate``,
-``evals.study``, ``evals.harness``, ``properties.fire_rate``). Errors that are the user's (bad
+``evals.study``, ``evals.harness``, ``evals.firing.*``). Errors that are the user's (bad
 input, missing file) are raised as ``ValueError``/``FileNotFoundError`` and turned into exit
 code 2 by ``neuraldb.cli.main``.
 """

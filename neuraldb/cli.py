@@ -16,7 +16,7 @@ more and lists every sub-command, and a sub-command whose module cannot be impor
 missing optional dependency, a broken module) fails when it is run, loudly: the traceback,
 then one line naming the module and the exception, exit code 3. ``COMMANDS`` (and
 ``_load_facts`` reading a CounterFact/ZsRE file with ``evals.datasets``) are the only
-places the core names ``evals`` or ``properties``.
+places the core names ``evals``; it names no ``properties`` module.
 
 Exit codes: 0 ok, 1 a failed check (``gate``), 2 a usage or input error, 3 the
 sub-command could not be loaded.
@@ -70,7 +70,10 @@ COMMANDS: dict[str, Command] = {
     "study": Command("scaling study: gated vs linear reader at several sizes",
                      "evals.study:add_study_arguments", "evals.study:run_study_cli"),
     "fire-rate": Command("the gate's false fires on unrelated text and its paraphrase recall",
-                         "properties.fire_rate:add_fire_rate_arguments", "properties.fire_rate:run_fire_rate"),
+                         "evals.firing.fire_rate:add_fire_rate_arguments", "evals.firing.fire_rate:run_fire_rate"),
+    "gate-variants": Command("candidate gate fixes: false fires vs paraphrase recall on the same activations",
+                             "evals.firing.gate_variants:add_gate_variants_arguments",
+                             "evals.firing.gate_variants:run_gate_variants"),
     "harness": Command("lm-eval's own command line with the neuraldb model registered (its arguments after --)",
                        "evals.harness:add_harness_arguments", "evals.harness:run_harness"),
 }

@@ -1,4 +1,4 @@
-"""Property-based tests and measurements of NeuralDB's gate (issue 5).
+"""Property-based tests of NeuralDB's gate and store (issue 5).
 
 ``pytest properties`` (``HYPOTHESIS_PROFILE=ci|dev|thorough``, default dev):
 
@@ -12,9 +12,8 @@
   logits and zero fires on unrelated text, recall, real edits removed exactly, batching,
   gamma, bfloat16, save/load with the model.
 
-``python -m properties.fire_rate``: the false-fire report (rate on unrelated text for N
-stored facts, worst offenders, paraphrase recall), for every gate with and without the word
-check. ``python -m properties.study``: the
-measurement of candidate gate fixes on the same activations (bare weights, centring,
-whitening, per-key calibration, top-2 gap, norm range, previous-token check).
+The research programs that measure firing (the false-fire report, the gate variants study)
+and their helpers live in :mod:`evals.firing` (``neuraldb fire-rate``, ``neuraldb
+gate-variants``); ``python -m properties.fire_rate`` and ``python -m properties.study`` are
+deprecated shims that warn and forward there.
 """

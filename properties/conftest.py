@@ -82,7 +82,7 @@ def templates(smollm2):
 @pytest.fixture(scope="session")
 def passages(data_dir) -> list[str]:
     """LAMBADA passages (unrelated text for the model-level properties)."""
-    from .measure import load_passages
+    from evals.firing.measure import load_passages
 
     return load_passages(data_dir=data_dir, limit=400)
 
@@ -93,7 +93,7 @@ def calibration_queries(smollm2, data_dir) -> torch.Tensor:
 
     The calibration text is never the evaluation text (LAMBADA and generated prompts).
     """
-    from .fire_rate import calibration_texts, gated_queries
+    from evals.firing.fire_rate import calibration_texts, gated_queries
 
     model, tok = smollm2
     texts = calibration_texts(data_dir, limit=int(os.environ.get("NEURALDB_CALIB_TEXTS", "400")))

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from hypothesis import strategies as st
 
+from evals.firing import vocabulary
 from neuraldb import Fact
 
 __all__ = [
@@ -33,25 +34,16 @@ __all__ = [
     "names", "relations", "unrelated_prompts",
 ]
 
-# Syllables of generated names: lower-case, none an English function word on its own.
-SYLLABLES = (
-    "ka ro mi ten sa lu vor del bri co fen ga hal jor kel mar nor pel qui ras sol tur ven wil "
-    "xan yor zel ber cas dor fin gor hes ith jun kor lam mon nes pra quin rud sen tor"
-).split()
+# Syllables of generated names (:data:`evals.firing.vocabulary.SYLLABLES`, shared with the
+# generated facts of the firing measurements): names shrink towards the first one, "ka".
+SYLLABLES = vocabulary.SYLLABLES
 
-# Relation templates ("{}" is the subject) and plausible targets; the subject is followed by a
-# space or punctuation so its last token ends inside it. Subjects at position 0 of the bare prompt
-# (the first four) are the known source of false fires (docs/method.md, 'False fires on SmolLM2'), so they come first:
-# examples shrink towards them.
-RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("{} is located in the country of", ("France", "Japan", "Brazil", "Kenya", "Canada", "India")),
-    ("{} plays the sport of", ("football", "tennis", "cricket", "hockey", "golf", "chess")),
-    ("{} was developed by", ("Google", "Microsoft", "Toyota", "Apple", "Nokia", "Sony")),
-    ("{}, who holds a citizenship from", ("Italy", "Spain", "Chile", "Egypt", "Norway", "Peru")),
-    ("The mother tongue of {} is", ("French", "Japanese", "Portuguese", "Swahili", "English", "Hindi")),
-    ("The capital city of {} is", ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi")),
-    ("The headquarters of {} are in", ("Berlin", "Madrid", "Seoul", "Sydney", "Toronto", "Dublin")),
-    ("What sport does {} play? They play", ("baseball", "rugby", "soccer", "volleyball", "boxing", "polo")),
+# Relation templates ("{}" is the subject) and plausible targets: the shared
+# :data:`evals.firing.vocabulary.RELATIONS`, subject-first templates first (a stable sort).
+# Subjects at position 0 of the bare prompt are the known source of false fires
+# (docs/method.md, 'False fires on SmolLM2'), so examples shrink towards them.
+RELATIONS: tuple[tuple[str, tuple[str, ...]], ...] = tuple(
+    sorted(vocabulary.RELATIONS, key=lambda relation: not relation[0].startswith("{}"))
 )
 
 # Everyday English, punctuation and quotes: the tokens on which false fires were measured to land.

@@ -52,7 +52,7 @@ def empty_store(model) -> NeuralDB:
 
 
 # CounterFact subjects whose naive keys were measured to fire on common tokens of LAMBADA
-# (`python -m properties.fire_rate --calibrate no`): "Basel" alone fired 848 times on 32,384
+# (`neuraldb fire-rate --calibrate no`): "Basel" alone fired 848 times on 32,384
 # positions; its last token sits at position 1 of the bare prompt, next to the attention sink.
 SINK_LIKE = ("Basel", "deadstar", "Till Death...")
 
@@ -60,7 +60,7 @@ SINK_LIKE = ("Basel", "deadstar", "Till Death...")
 @pytest.fixture(scope="module")
 def cf_facts(smollm2, templates, data_dir):
     """The first POOL keyable CounterFact facts, plus the known sink-like ones."""
-    from .measure import keyable, load_facts
+    from evals.firing.measure import keyable, load_facts
 
     _, tok = smollm2
     every = load_facts("counterfact", n=2000, data_dir=data_dir)
@@ -217,7 +217,7 @@ def test_edit_prompt_fires_its_own_fact(smollm2, templates, pool, key_cache, cal
 def real_edits(smollm2):
     """Three real edits (residuals optimised) on generated subjects; ~10-40 s on 2 cores."""
     model, tok = smollm2
-    from .measure import generated_facts
+    from evals.firing.measure import generated_facts
 
     facts = generated_facts(3, seed=7)
     db = neuraldb.edit(model, tok, facts, config=EditConfig(layer=LAYER, steps=8), progress=False)

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evals.firing.measure import generated_facts, generated_name
 from neuraldb import Fact, locate_subject
 
 from .conftest import examples
-from .measure import generated_facts, generated_name
 from .strategies import KEY_STRUCTURES, _mentions, fact_sets, key_sets, names, relations, unrelated_prompts
 
 

@@ -199,8 +199,22 @@ def test_harness_subcommand_runs_lm_evals_command_line(tmp_path, capsys):
 def test_fire_rate_subcommand_checks_its_arguments(capsys):
     assert cli.main(["fire-rate", "--n", "0"]) == 2
     assert "--n must be between 1 and 1,000,000" in capsys.readouterr().err
-    from properties.fire_rate import main as fire_rate_main
+    from evals.firing.fire_rate import main as fire_rate_main
 
-    with pytest.raises(SystemExit) as exc:  # `python -m properties.fire_rate`: argparse's usage error
+    with pytest.raises(SystemExit) as exc:  # `python -m evals.firing.fire_rate`: argparse's usage error
         fire_rate_main(["--n", "0"])
     assert exc.value.code == 2
+
+
+def test_the_old_research_entry_points_warn_and_forward(capsys):
+    """``python -m properties.fire_rate`` / ``properties.study`` still run: a FutureWarning naming
+    the new command, then the moved module's ``main``."""
+    import evals.firing.fire_rate
+    import evals.firing.gate_variants
+    from properties import fire_rate, study
+
+    for shim, moved, command in ((fire_rate, evals.firing.fire_rate, "neuraldb fire-rate"),
+                                 (study, evals.firing.gate_variants, "neuraldb gate-variants")):
+        with pytest.warns(FutureWarning, match=command), pytest.raises(SystemExit) as exc:
+            shim.main(["--help"])
+        assert exc.value.code == 0 and moved.__name__ in capsys.readouterr().out

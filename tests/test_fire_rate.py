@@ -1,4 +1,4 @@
-"""`python -m properties.fire_rate` end to end on SmolLM2 (a few facts, a few passages)."""
+"""`neuraldb fire-rate` (evals.firing.fire_rate) end to end on SmolLM2 (a few facts, a few passages)."""
 
 import json
 
@@ -6,7 +6,7 @@ import json
 
 
 def test_fire_rate_report_counts_positions_recall_and_misses(smollm2, shared_data, tmp_path, capsys):
-    from properties.fire_rate import main
+    from evals.firing.fire_rate import main
 
     out = tmp_path / "report.json"
     assert main(["--facts", "counterfact", "--n", "24", "--passages", "0:6", "--calibrate", "no", "--gamma", "0.65",
@@ -37,7 +37,7 @@ def test_fire_rate_report_counts_positions_recall_and_misses(smollm2, shared_dat
 def test_fire_rate_calibrated_margins_on_the_same_activations(smollm2, shared_data, tmp_path, capsys):
     """Several calibration margins are measured in one run; a larger margin never adds a
     fire nor a recalled paraphrase, and the calibrated report prints."""
-    from properties.fire_rate import main
+    from evals.firing.fire_rate import main
 
     out = tmp_path / "report.json"
     assert main(["--facts", "counterfact", "--n", "24", "--passages", "0:4", "--calibrate", "only", "--gamma", "0.65",
@@ -59,7 +59,7 @@ def test_default_calibration_text_is_never_the_evaluated_text(tmp_path):
     not evaluated (all of them when another text is evaluated)."""
     from pathlib import Path
 
-    from properties.fire_rate import calibration_texts, load_text_spec
+    from evals.firing.fire_rate import calibration_texts, load_text_spec
 
     d = Path(tmp_path)
     (d / "sciq").mkdir(), (d / "mmlu").mkdir(), (d / "wsc273").mkdir(), (d / "lambada_openai").mkdir()
@@ -77,7 +77,7 @@ def test_default_calibration_text_is_never_the_evaluated_text(tmp_path):
 
 
 def test_a_fire_at_a_word_of_the_subject_is_related_anywhere_else_false():
-    from properties.fire_rate import fired_on_subject_word
+    from evals.firing.fire_rate import fired_on_subject_word
 
     class Tok:  # decode is all the rule needs
         vocab = ["<s>", "Mr", ".", " Hend", "erson", "'s", " said", " Stein", "berg", " of", " the", " Brad"]
@@ -99,7 +99,7 @@ def test_a_fire_at_a_word_of_the_subject_is_related_anywhere_else_false():
 def test_glue_text_is_one_text_per_sentence_and_a_missing_file_is_named(tmp_path):
     import pytest
 
-    from properties.fire_rate import unrelated_texts
+    from evals.firing.fire_rate import unrelated_texts
 
     glue = tmp_path / "glue"
     glue.mkdir()
@@ -121,7 +121,7 @@ def test_report_keys_are_the_edit_keys_and_one_pass_serves_two_offsets(tiny_llam
 
     import neuraldb
     from neuraldb import Fact
-    from properties.measure import _group_means, _group_means_at, group_keys
+    from evals.firing.measure import _group_means, _group_means_at, group_keys
 
     model, tok = tiny_llama
     facts = [Fact(prompt="{} plays the", subject=s, target_new="piano", id=f"f{i}")

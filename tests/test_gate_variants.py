@@ -1,4 +1,4 @@
-"""`python -m properties.study`: the gate variants measured on the same activations."""
+"""`neuraldb gate-variants` (evals.firing.gate_variants): the gate variants measured on the same activations."""
 
 import json
 
@@ -6,7 +6,7 @@ import torch
 
 
 def test_identity_transform_is_the_plain_cosine_and_whitening_changes_it():
-    from properties.study import evaluate
+    from evals.firing.gate_variants import evaluate
 
     g = torch.Generator().manual_seed(0)
     d, n = 16, 12
@@ -28,7 +28,7 @@ def test_identity_transform_is_the_plain_cosine_and_whitening_changes_it():
 def test_study_previous_token_rule_only_removes_fires(smollm2, shared_data, tmp_path):
     """The previous-token check is an extra condition: with it, a rule never fires more nor
     recalls more than without it; the whitened variant is reported on the same activations."""
-    from properties.study import main
+    from evals.firing.gate_variants import main
 
     out = tmp_path / "study.json"
     main(["--n", "24", "--eval-passages", "8", "--calib", "200", "--variants", "base", "whitened",

@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the false-fire report and the model-level properties.
+"""Measuring helpers shared by the false-fire report, the gate variants study and the model-level properties.
 
 Example::
 
@@ -32,14 +32,17 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from neuraldb import Fact, Trace, resolve_arch, validate_facts
+from neuraldb import Fact, resolve_arch, validate_facts
 from neuraldb.facts import FactError, locate_subject
 from neuraldb.keys import key_requests, model_device, pad_batch, pad_id
+from neuraldb.nethook import layer_input
 from neuraldb.store import layer_fingerprint
 
+from .vocabulary import RELATIONS, SYLLABLES
+
 __all__ = [
-    "GroupKeys", "TextBatch", "default_cache_dir", "default_data_dir", "generated_facts", "group_keys",
-    "keyable", "load_facts", "load_passages", "subject_last_positions", "text_activations",
+    "GroupKeys", "TextBatch", "default_cache_dir", "default_data_dir", "generated_facts", "generated_name",
+    "group_keys", "keyable", "load_facts", "load_passages", "subject_last_positions", "text_activations",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,7 +94,7 @@ def load_facts(source: str, *, n: int | None = None, offset: int = 0, data_dir: 
         raise ValueError(f"{path}: expected a non-empty JSON list of records")
     records = records[offset: None if n is None else offset + n]
     first = records[0]
-    from evals.datasets import parse_counterfact, parse_zsre  # the project's loaders
+    from evals.formats import parse_counterfact, parse_zsre  # the project's loaders
 
     if "requested_rewrite" in first or "ground_truth" in first or "rephrase_prompt" in first:
         return [c.fact for c in parse_counterfact(records, source=str(path), skip_invalid=True, index_offset=offset)]
@@ -100,24 +103,8 @@ def load_facts(source: str, *, n: int | None = None, offset: int = 0, data_dir: 
     return validate_facts(records)
 
 
-# Generated facts: names from syllables, relations as templates; unique subjects by construction.
-SYLLABLES = (
-    "ka ro mi ten sa lu vor del bri co fen ga hal jor kel mar nor pel qui ras sol tur ven wil "
-    "xan yor zel ber cas dor fin gor hes ith jun kor lam mon nes pra quin rud sen tor bel dag pim vos"
-).split()
-assert len(SYLLABLES) == len(set(SYLLABLES)) == 48
-RELATIONS = (
-    ("{} is located in the country of", ("France", "Japan", "Brazil", "Kenya", "Canada", "India")),
-    ("The mother tongue of {} is", ("French", "Japanese", "Portuguese", "Swahili", "English", "Hindi")),
-    ("{} plays the sport of", ("football", "tennis", "cricket", "hockey", "golf", "chess")),
-    ("{} was developed by", ("Google", "Microsoft", "Toyota", "Apple", "Nokia", "Sony")),
-    ("The capital city of {} is", ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi")),
-    ("{} works in the field of", ("physics", "music", "medicine", "law", "poetry", "chemistry")),
-    ("{}, who holds a citizenship from", ("Italy", "Spain", "Chile", "Egypt", "Norway", "Peru")),
-    ("The headquarters of {} are in", ("Berlin", "Madrid", "Seoul", "Sydney", "Toronto", "Dublin")),
-)
-
-
+# Generated facts: names from :data:`~evals.firing.vocabulary.SYLLABLES`, relations from
+# :data:`~evals.firing.vocabulary.RELATIONS`; unique subjects by construction.
 def generated_name(i: int) -> str:
     """A deterministic, unique two-word pseudo-name for index ``i`` (``0 <= i < 48**5``).
 
@@ -190,14 +177,13 @@ def _group_means_at(model: nn.Module, tok: Any, facts: Sequence[Fact], layer: in
     for start in range(0, len(order), batch_size):
         chunk = [reqs[r] for r in order[start: start + batch_size]]
         ids, mask = pad_batch([r.ids for r in chunk], pad_id(tok), device)
-        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids, attention_mask=mask)
         rows = torch.arange(len(chunk), device=device)
         g = torch.tensor([0 if r.bare else 1 for r in chunk])
         f = torch.tensor([r.fact for r in chunk])
         for j, offset in enumerate(offsets):
             pos = torch.tensor([max(r.subject_pos - offset, 0) for r in chunk], device=device)
-            vec = t.input[rows, pos].float().cpu()  # (batch, d)
+            vec = x[rows, pos].float().cpu()  # (batch, d)
             if sums is None:
                 sums = torch.zeros(len(offsets), 2, len(facts), vec.shape[1])
             sums[j].index_put_((g, f), vec, accumulate=True)
@@ -309,11 +295,10 @@ def text_activations(model: nn.Module, tok: Any, passages: Sequence[str], *, lay
     for start in tqdm(range(0, len(enc), batch_size), desc="text", disable=not progress, mininterval=5):
         seqs = enc[start: start + batch_size]
         ids, mask = pad_batch(seqs, pad_id(tok), device)
-        with Trace(model, arch.mlp_out_at(layer), retain_input=True, retain_output=False, stop=True) as t:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids, attention_mask=mask)
         valid = mask.bool().clone()
         valid[:, 0] = False
-        yield TextBatch(ids.cpu(), valid.cpu(), t.input.float().cpu(), list(range(start, start + len(seqs))))
+        yield TextBatch(ids.cpu(), valid.cpu(), x.float().cpu(), list(range(start, start + len(seqs))))
 
 
 def subject_last_positions(tok: Any, text: str, subject: str) -> tuple[list[int], int | None]:
