@@ -54,7 +54,7 @@ def store_cases(db: Any) -> list[Any]:
     """
     from neuraldb.facts import Fact
 
-    from evals.datasets import EvalCase
+    from evals.cases import EvalCase
 
     known = set(Fact.__dataclass_fields__)
     cases = []

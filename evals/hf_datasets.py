@@ -44,7 +44,7 @@ PROBE_TIMEOUT = 5.0  # seconds to wait for the hub endpoint before calling it un
 
 
 def _error(message: str) -> Exception:
-    from evals.datasets import DatasetError  # the loaders' one error type
+    from evals.cases import DatasetError  # the loaders' one error type
 
     return DatasetError(message)
 
@@ -156,7 +156,7 @@ def _row(case: Any) -> dict[str, Any]:
 
 
 def to_dataset(cases: Sequence[Any], description: str = "") -> Any:
-    """A ``datasets.Dataset`` with one row per :class:`~evals.datasets.EvalCase` (columns: FEATURE_TYPES).
+    """A ``datasets.Dataset`` with one row per :class:`~evals.cases.EvalCase` (columns: FEATURE_TYPES).
 
     ``prompt`` is the template with ``{}`` for the subject; ``meta`` is the fact's meta as JSON.
     The loaders read such a Dataset (or its JSON export) back to the same cases.

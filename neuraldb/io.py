@@ -159,7 +159,7 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> str | None:
     """``data_dir``, else ``$NEURALDB_DATA_DIR``, else None (the loaders then use public files).
 
     The data folder is laid out like the project's documented data layout
-    (``evals.datasets.DATA_DIR_LAYOUT``); tests and tox point it at a local copy.
+    (``evals.sources.DATA_DIR_LAYOUT``); tests and tox point it at a local copy.
     """
     if data_dir is not None:
         return str(data_dir)

@@ -11,7 +11,7 @@ from torch import nn
 
 import neuraldb
 from evals import report as rep
-from evals.datasets import EvalCase
+from evals.cases import EvalCase
 from evals.metrics import chat
 from neuraldb import EditConfig, Fact
 

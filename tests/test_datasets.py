@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from evals import datasets as ds
-from evals.datasets import DatasetError, load_counterfact, load_zsre, parse_counterfact, parse_zsre
+from evals import sources
+from evals.cases import DatasetError
+from evals.datasets import load_counterfact, load_zsre
+from evals.formats import parse_counterfact, parse_zsre
 
 ROME = [
     {"case_id": 7, "pararel_idx": 1,
@@ -183,7 +185,7 @@ def test_template_with_braces_is_rejected():
 
 def test_skip_invalid_counts_and_logs(tmp_path, caplog):
     records = [ZSRE[0], {**ZSRE[1], "alt": ""}, {**ZSRE[0], "subject": "Nobody"}, ZSRE[1], {"src": "x"}]
-    with caplog.at_level(logging.WARNING, logger="evals.datasets"):
+    with caplog.at_level(logging.WARNING, logger="evals.formats"):
         cases = load_zsre(write(tmp_path / "z.json", records), skip_invalid=True, target="alt")
     assert [c.case_id for c in cases] == [0, 3]
     report = cases.report
@@ -287,8 +289,8 @@ def test_default_public_download(http_root, tmp_path, monkeypatch):
     body = write(root / "zsre_mend_eval.json", ZSRE).read_bytes()
     monkeypatch.delenv("NEURALDB_DATA_DIR", raising=False)
     monkeypatch.setenv("NEURALDB_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setitem(ds.PUBLIC_FILES, "zsre", ds.RemoteFile(f"{base}/zsre_mend_eval.json", "zsre_mend_eval.json",
-                                                               records=2, size=len(body)))
+    remote = sources.RemoteFile(f"{base}/zsre_mend_eval.json", "zsre_mend_eval.json", records=2, size=len(body))
+    monkeypatch.setitem(sources.PUBLIC_FILES, "zsre", remote)
     assert len(load_zsre()) == 2
     cached = tmp_path / "cache" / "zsre_mend_eval.json"
     recorded = (tmp_path / "cache" / "zsre_mend_eval.json.sha256").read_text().strip()
@@ -304,17 +306,17 @@ def test_default_download_size_mismatch(http_root, tmp_path, monkeypatch):
     root, base = http_root
     write(root / "counterfact.json", ROME)
     monkeypatch.delenv("NEURALDB_DATA_DIR", raising=False)
-    monkeypatch.setitem(ds.PUBLIC_FILES, "counterfact",
-                        ds.RemoteFile(f"{base}/counterfact.json", "counterfact.json", records=2, size=45_108_470))
+    monkeypatch.setitem(sources.PUBLIC_FILES, "counterfact",
+                        sources.RemoteFile(f"{base}/counterfact.json", "counterfact.json", records=2, size=45_108_470))
     with pytest.raises(DatasetError, match="expected 45108470"):
         load_counterfact(cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_public_table_records_rome_urls():
-    assert ds.PUBLIC_FILES["counterfact"].url == "https://rome.baulab.info/data/dsets/counterfact.json"
-    assert ds.PUBLIC_FILES["counterfact"].size == 45_108_470
-    assert ds.PUBLIC_FILES["zsre"].url.endswith("/zsre_mend_eval.json")
+    assert sources.PUBLIC_FILES["counterfact"].url == "https://rome.baulab.info/data/dsets/counterfact.json"
+    assert sources.PUBLIC_FILES["counterfact"].size == 45_108_470
+    assert sources.PUBLIC_FILES["zsre"].url.endswith("/zsre_mend_eval.json")
 
 
 # --------------------------------------------------------------------------- the shared data

@@ -16,7 +16,7 @@ import neuraldb
 from evals import evaluate as ev
 from evals import report as rep
 from evals import stats as ev_stats
-from evals.datasets import EvalCase
+from evals.cases import EvalCase
 from neuraldb import EditConfig, Fact, NeuralDB
 
 from conftest import tiny_model

@@ -11,7 +11,7 @@ import pytest
 import neuraldb
 from evals import evaluate as ev
 from evals import report as rep
-from evals.datasets import EvalCase
+from evals.cases import EvalCase
 from evals.metrics import mentions as mm
 from neuraldb import EditConfig, Fact
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutput
 
-from evals.datasets import EvalCase
+from evals.cases import EvalCase
 from evals.metrics import consistency, fluency
 from evals.metrics.consistency import consistency_scores, load_tfidf_reference
 from evals.metrics.counterfact import counterfact_scores, summarize_counterfact

@@ -109,7 +109,7 @@ _METRICS = ("efficacy", "generalization", "specificity", "efficacy_diff", "gener
 
 def counterfact_scores(*, model: Any, tokenizer: Any, cases: Sequence[Any],
                        batch_size: int = 16) -> list[CounterFactCaseResult]:
-    """Per-case ES/PS/NS inputs for :class:`evals.datasets.EvalCase` objects (one batched pass)."""
+    """Per-case ES/PS/NS inputs for :class:`evals.cases.EvalCase` objects (one batched pass)."""
     pairs: list[tuple[str, str]] = []
     groups = []
     for case in cases:

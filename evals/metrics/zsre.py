@@ -48,7 +48,7 @@ class ZsreCaseResult:
 
 
 def zsre_scores(*, model: Any, tokenizer: Any, cases: Sequence[Any], batch_size: int = 16) -> list[ZsreCaseResult]:
-    """Per-case zsRE metrics for :class:`evals.datasets.EvalCase` objects (one batched pass)."""
+    """Per-case zsRE metrics for :class:`evals.cases.EvalCase` objects (one batched pass)."""
     pairs: list[tuple[str, str]] = []
     spans = []
     for case in cases:
