@@ -1,4 +1,4 @@
-"""The gate's decision: every policy criterion checked against an evaluation report (pure: runs nothing).
+"""The release gate's decision: every policy criterion checked against an evaluation report (pure: runs nothing).
 
 Example::
 
@@ -37,7 +37,7 @@ _LOWER_IS_BETTER = _UNBOUNDED
 
 
 class GateError(ValueError):
-    """The inputs of a gate cannot be decided on (missing data, mismatched report); the message says why."""
+    """The inputs of the release gate cannot be decided on (missing data, mismatched report); the message says why."""
 
 
 @dataclass
@@ -376,8 +376,8 @@ def _plot_data(report: Mapping[str, Any], baseline: Mapping[str, Any] | None) ->
         return out
 
     groups = {g: {"fire_rate": v.get("fire_rate"), "prompt_fire_rate": (v.get("prompt_fire") or {}).get("mean")}
-              for g, v in (((report.get("gate") or {}).get("groups")) or {}).items()}
-    data = {"edit": edit(report), "general": general(report), "gate_groups": groups}
+              for g, v in (rep.firing_section(report).get("groups") or {}).items()}
+    data = {"edit": edit(report), "general": general(report), "firing_groups": groups}
     if baseline is not None:
         data["baseline"] = {"edit": edit(baseline), "general": general(baseline)}
     return data

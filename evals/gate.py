@@ -1,4 +1,4 @@
-"""``neuraldb gate``: decide from an evaluation whether a store may be released.
+"""``neuraldb gate``, the release gate: decide from an evaluation whether a store may be released.
 
 Example::
 
@@ -22,7 +22,7 @@ runs them in order (:func:`gate`, evaluating when no report is given) and holds 
 
 Outputs (``output_dir``): ``gate.json`` (the result, with the resolved policy), ``gate.md`` (the
 table, the rules, links to the plots), ``gate_metrics.png``, ``gate_general.png``,
-``gate_firing.png`` (:mod:`evals.plots`); when the gate ran the evaluation, also ``report.json`` /
+``gate_firing.png`` (:mod:`evals.plots`); when the release gate ran the evaluation, also ``report.json`` /
 ``report.md`` and the resumable run under ``runs/<key>/``.
 """
 
@@ -179,10 +179,11 @@ def _evaluate(model: Any, tok: Any, db: Any, pol: Policy, sources: dict[str, Any
 
 
 def add_gate_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Decide whether a store may be released: evaluate it (or read a report) and judge it against a "
-                     "policy. Exit 0 pass, 1 a failed criterion, 2 a usage or input error.")
+    p.description = ("The release gate: decide whether a store may be released: evaluate it (or read a report) "
+                     "and judge it against a policy. Exit 0 pass, 1 a failed criterion, 2 a usage or input error.")
     p.add_argument("--policy", default="default",
-                   help="gate policy file (.yaml/.toml) or a packaged policy name: default, strict (default: default)")
+                   help="release gate policy file (.yaml/.toml) or a packaged policy name: default, strict "
+                        "(default: default)")
     src = p.add_argument_group("what to judge (one of --report, --release, --store)")
     src.add_argument("--report", help="a saved report.json (or its folder): decide from it, run nothing")
     src.add_argument("--baseline", help="an older report.json: also check the regression of --report (or of the "
@@ -198,7 +199,7 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, ...")
     p.add_argument("--save-release", metavar="DIR", default=None,
-                   help="when the gate passes, write the store (--store / --release) as a release into DIR with "
+                   help="when the release gate passes, write the store (--store / --release) as a release into DIR with "
                         "gate.json and the evaluation report (never over a non-empty DIR)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
@@ -228,22 +229,23 @@ def run_gate(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     except Exception as exc:  # the evaluation crashed: undecided, never "failed" (exit 1 = a failed criterion)
         log.info("neuraldb gate crashed", exc_info=True)
-        print(f"neuraldb gate: error: the gate could not decide: {type(exc).__name__}: {exc} "
+        print(f"neuraldb gate: error: the release gate could not decide: {type(exc).__name__}: {exc} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
         print(json.dumps(result, indent=1, ensure_ascii=False))
     else:
         print(render_text(result))
-        print(f"gate report: {Path(output_dir) / 'gate.json'} and {Path(output_dir) / 'gate.md'}")
+        print(f"release gate report: {Path(output_dir) / 'gate.json'} and {Path(output_dir) / 'gate.md'}")
     if args.save_release and result["passed"]:
         try:
             print(f"release written to {_save_passed_release(args, result, Path(output_dir))}")
         except _INPUT_ERRORS as exc:
-            print(f"neuraldb gate: error: the gate passed but the release was not written: {exc}", file=sys.stderr)
+            print(f"neuraldb gate: error: the release gate passed but the release was not written: {exc}",
+                  file=sys.stderr)
             return EXIT_ERROR
     elif args.save_release:
-        print(f"no release written to {args.save_release}: the gate failed")
+        print(f"no release written to {args.save_release}: the release gate failed")
     return int(result["exit_code"])
 
 
@@ -264,7 +266,7 @@ def _save_passed_release(args: argparse.Namespace, result: Mapping[str, Any], ou
     else:
         raise GateError("--save-release needs the store itself: add --store FILE (or --release DIR)")
     if result.get("store", {}).get("digest") not in (None, inputs.store_summary(db)["digest"]):
-        raise GateError("the store on disk changed while the gate ran; run the gate again")
+        raise GateError("the store on disk changed while the release gate ran; run it again")
     evaluation = Path(args.report) if args.report else output_dir / "report.json"
     return save_release(args.save_release, base, db, report=dict(result),
                         evaluation=evaluation if evaluation.exists() else None)

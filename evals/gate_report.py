@@ -1,4 +1,4 @@
-"""The gate's outputs: the decision as a terminal table, as gate.md, and the files of a gate run.
+"""The release gate's outputs: the decision as a terminal table, as gate.md, and the files of a run.
 
 Example::
 
@@ -144,7 +144,7 @@ def write_gate_report(result: dict[str, Any], output_dir: str | os.PathLike, *, 
         try:
             images = gate_plots(result, out)
         except Exception as exc:  # a plot must never hide the decision
-            log.warning("could not draw the gate plots: %s", exc)
+            log.warning("could not draw the release gate plots: %s", exc)
             result.setdefault("warnings", []).append(f"plots not drawn: {exc}")
     result["plots"] = images
     paths = {"json": rep.write_json(result, out / "gate.json"),

@@ -1,4 +1,4 @@
-"""Plots of a gate result (matplotlib, Agg backend): PNG files beside gate.md.
+"""Plots of a release gate result (matplotlib, Agg backend): PNG files beside gate.md.
 
 Example::
 
@@ -143,7 +143,8 @@ def plot_firing(data: Mapping[str, Any], path: str | os.PathLike, *, max_rate: f
     """Gate firing rate per general task and per CounterFact prompt group (fires / gated positions)."""
     general = {t: v["firing_rate"] for t, v in (data.get("general") or {}).items()
                if v.get("firing_rate") is not None}
-    groups = {g: v["fire_rate"] for g, v in (data.get("gate_groups") or {}).items() if v.get("fire_rate") is not None}
+    groups = data.get("firing_groups", data.get("gate_groups")) or {}  # "gate_groups": gate.json before the rename
+    groups = {g: v["fire_rate"] for g, v in groups.items() if v.get("fire_rate") is not None}
     if not general and not groups:
         return None
     plt = _pyplot()

@@ -1,4 +1,4 @@
-"""Gate policies: the schema (frozen dataclasses, one documented field each) and the YAML/TOML parser.
+"""Release gate policies: the schema (frozen dataclasses, one documented field each) and the YAML/TOML parser.
 
 Example::
 
@@ -112,7 +112,7 @@ class Policy:
                              "test has p < 1 - confidence", "0.95")
     criteria: Criteria = _doc("the release criteria (below); every one must be present", "{efficacy_min: 80, ...}")
     evaluation: Evaluation | None = _doc(
-        "how the gate runs the evaluation when no report is given", "{dataset: store, ...}", default=None)
+        "how the release gate runs the evaluation when no report is given", "{dataset: store, ...}", default=None)
     regression: Regression | None = _doc("needed with a baseline report", "{efficacy_max_drop: 5, ...}",
                                          default=None)
     source: str = field(default="<dict>", metadata={"file": False})
@@ -123,10 +123,6 @@ class Policy:
     def alpha(self) -> float:
         return 1.0 - self.confidence
 
-    @classmethod
-    def from_mapping(cls, data: Any, *, source: str = "<dict>", sha256: str | None = None) -> "Policy":
-        return _parse(data, source=source, sha256=sha256)
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("evaluation", "criteria", "regression"):
@@ -136,7 +132,7 @@ class Policy:
         return out
 
     def require_evaluation(self) -> Evaluation:
-        return self._require("evaluation", "no report was given, so the gate must run the evaluation; add e.g. "
+        return self._require("evaluation", "no report was given, so the release gate must run the evaluation; add e.g. "
                              "evaluation: {dataset: store, n: 20, general_tasks: [sciq], general_limit: 20}, or pass "
                              "--report report.json")
 

@@ -21,8 +21,12 @@ Cases without a value (e.g. no paraphrase) are left out; paired statistics use t
 that have both values. Everything returned is JSON-serialisable (NaN/inf become None).
 
 Rendering is a set of small functions, each taking the report dict and returning a Markdown
-block (``render_metrics``, ``render_gate``, ``render_general``, ...); ``render_markdown``
+block (``render_metrics``, ``render_firing``, ``render_general``, ...); ``render_markdown``
 joins them. Add a section by writing one more function and listing it in ``SECTIONS``.
+
+The firing statistics (how often the store's gate fired on each prompt group) are
+``report["firing"]``; reports written before that name keep them under ``"gate"``, and every
+reader goes through :func:`firing_section`, which accepts both.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from evals.stats import DEFAULT_TEST, display_name, mean_ci, paired_test, propor
 from neuraldb.io import write_text
 
 __all__ = [
-    "SECTIONS", "clean_json", "compare_reports", "format_value", "load_report",
-    "render_chat", "render_comparison", "render_config", "render_data", "render_gate",
+    "SECTIONS", "clean_json", "compare_reports", "firing_section", "format_value", "load_report",
+    "render_chat", "render_comparison", "render_config", "render_data", "render_firing",
     "render_general", "render_header", "render_markdown", "render_mentions", "render_metrics", "render_samples",
     "render_text", "render_timings",
     "summarize_metric", "write_json", "write_report",
@@ -191,9 +195,21 @@ def _metric_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _gate_rows(report: Mapping[str, Any]) -> list[list[str]]:
+def firing_section(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The firing statistics of an evaluation report, or of one of its cases; ``{}`` when absent.
+
+    ``report["firing"]``; reports and case records written before the rename keep the same
+    statistics under ``"gate"``, so old ``report.json`` / ``cases.jsonl`` files still read.
+    """
+    section = report.get("firing")
+    if section is None:
+        section = report.get("gate")
+    return section if isinstance(section, Mapping) else {}
+
+
+def _firing_rows(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
-    for group, g in (report.get("gate") or {}).get("groups", {}).items():
+    for group, g in firing_section(report).get("groups", {}).items():
         pf = g.get("prompt_fire") or {}
         ci = pf.get("ci")
         any_fire = _pct(pf.get("mean")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
@@ -233,13 +249,12 @@ def _skipped(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(n, m.get("reason", "")) for n, m in report.get("metrics", {}).items() if m.get("skipped")]
 
 
-def render_gate(report: Mapping[str, Any]) -> str:
-    gate = report.get("gate")
-    if not gate:
+def render_firing(report: Mapping[str, Any]) -> str:
+    if not firing_section(report):
         return ""
     text = "## Gate firing (store attached)\n\n" + _table(
         ["prompts", "n", "fired at any position", "retrieved its own fact", "fires / gated positions"],
-        _gate_rows(report))
+        _firing_rows(report))
     text += ("\n\nA forward pass over each prompt alone (generation: the post-edit texts, prompt + continuation). "
              "Gated positions exclude padding and each sequence's first token. 'Own fact': the prompt fired "
              "and some firing position retrieved the case's own fact.")
@@ -366,7 +381,7 @@ def render_chat(report: Mapping[str, Any]) -> str:
 
 
 SECTIONS: list[Callable[[Mapping[str, Any]], str]] = [
-    render_header, render_metrics, render_chat, render_mentions, render_gate, render_general, render_samples,
+    render_header, render_metrics, render_chat, render_mentions, render_firing, render_general, render_samples,
     render_data, render_timings, render_config,
 ]
 
@@ -392,10 +407,10 @@ def render_text(report: Mapping[str, Any]) -> str:
     out = [f"{ds.get('name')}: {ds.get('n_cases')} cases; store {store.get('facts')} facts, layer "
            f"{store.get('layer')}, gamma {store.get('gamma')}"]
     out.append(_aligned(["metric", "pre", "post", "post - pre", "test", "p"], _metric_rows(report)))
-    gate_rows = _gate_rows(report)
-    if gate_rows:
+    firing_rows = _firing_rows(report)
+    if firing_rows:
         out.append("gate firing (store attached):")
-        out.append(_aligned(["prompts", "n", "fired", "own fact", "fires/positions"], gate_rows))
+        out.append(_aligned(["prompts", "n", "fired", "own fact", "fires/positions"], firing_rows))
     general_rows = _general_rows(report)
     if general_rows:
         out.append("general abilities (before / after):")
@@ -437,13 +452,13 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
             row[phase] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va,
                           "ci_a": pa.get("ci"), "ci_b": pb.get("ci"), "cis_overlap": _overlap(pa.get("ci"), pb.get("ci"))}
         metrics[name] = row
-    gate = {}
-    ga, gb = (a.get("gate") or {}).get("groups", {}), (b.get("gate") or {}).get("groups", {})
+    firing = {}
+    ga, gb = firing_section(a).get("groups", {}), firing_section(b).get("groups", {})
     for group in list(dict.fromkeys([*ga, *gb])):
         x, y = ga.get(group) or {}, gb.get(group) or {}
-        gate[group] = {key: {"a": x.get(key), "b": y.get(key)} for key in ("fire_rate", "own_prompt_rate")}
+        firing[group] = {key: {"a": x.get(key), "b": y.get(key)} for key in ("fire_rate", "own_prompt_rate")}
         for key, sub in (("prompt_fire_rate", "prompt_fire"),):
-            gate[group][key] = {"a": (x.get(sub) or {}).get("mean"), "b": (y.get(sub) or {}).get("mean")}
+            firing[group][key] = {"a": (x.get(sub) or {}).get("mean"), "b": (y.get(sub) or {}).get("mean")}
     general = {}
     ta, tb = ((a.get("general") or {}).get("tasks") or {}), ((b.get("general") or {}).get("tasks") or {})
     for task in list(dict.fromkeys([*ta, *tb])):
@@ -459,12 +474,12 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
     config = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
     ids_a = {c.get("fact_id") for c in a.get("cases", [])}
     ids_b = {c.get("fact_id") for c in b.get("cases", [])}
-    return {"metrics": metrics, "gate": gate, "general": general, "config": config,
+    return {"metrics": metrics, "firing": firing, "general": general, "config": config,
             "cases": {"a": len(ids_a), "b": len(ids_b), "shared": len(ids_a & ids_b)}}
 
 
 def render_comparison(cmp: Mapping[str, Any], *, label_a: str = "A", label_b: str = "B") -> str:
-    """Plain-text rendering of :func:`compare_reports` (metrics, gate, configuration differences)."""
+    """Plain-text rendering of :func:`compare_reports` (metrics, gate firing, configuration differences)."""
     rows = []
     for name, m in cmp["metrics"].items():
         for phase in ("pre", "post"):
@@ -475,9 +490,9 @@ def render_comparison(cmp: Mapping[str, Any], *, label_a: str = "A", label_b: st
     c = cmp["cases"]
     out = [f"cases: {label_a} {c['a']}, {label_b} {c['b']}, shared {c['shared']}",
            _aligned(["metric", "phase", label_a, label_b, f"{label_b} - {label_a}"], rows)]
-    if cmp["gate"]:
+    if cmp["firing"]:
         grows = []
-        for group, g in cmp["gate"].items():
+        for group, g in cmp["firing"].items():
             grows.append([group] + [f"{_pct(g[k]['a'], 2)} -> {_pct(g[k]['b'], 2)}"
                                     for k in ("prompt_fire_rate", "own_prompt_rate", "fire_rate")])
         out += ["gate firing:", _aligned(["prompts", "fired", "own fact", "fires/positions"], grows)]

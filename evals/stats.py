@@ -1,4 +1,4 @@
-"""Intervals and tests behind every report and every gate decision (all computed with scipy).
+"""Intervals and tests behind every report and every release gate decision (all computed with scipy).
 
 Example::
 

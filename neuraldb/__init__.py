@@ -89,7 +89,7 @@ def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def gate(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Judge a store (or a saved report) against a release policy: :func:`evals.gate.gate`.
+    """The release gate: judge a store (or a saved report) against a release policy (:func:`evals.gate.gate`).
 
     A façade: imports ``evals.gate`` (the ``eval`` extra) when called; see that function for
     the parameters and the result it returns.

@@ -65,7 +65,7 @@ COMMANDS: dict[str, Command] = {
                         "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
     "compare": Command("compare two saved reports without re-running",
                        "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
-    "gate": Command("decide whether an edited checkpoint may be released",
+    "gate": Command("the release gate: decide whether an edited checkpoint may be released",
                     "evals.gate:add_gate_arguments", "evals.gate:run_gate"),
     "study": Command("scaling study: gated vs linear reader at several sizes",
                      "evals.study:add_study_arguments", "evals.study:run_study_cli"),

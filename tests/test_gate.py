@@ -70,7 +70,7 @@ def synthetic_report(*, n=40, efficacy=(0, 38), generalization=(2, 30), specific
     return {"schema": "neuraldb.evaluate/1", "metrics": metrics, "cases": cases,
             "dataset": {"name": "<cases>", "kind": "counterfact", "n_cases": n}, "model": {"name": model},
             "store": {"facts": n, "gamma": 0.65, "layer": 1}, "config": {"evaluate": {"confidence": 0.95}},
-            "gate": {"groups": {"edit": {"fire_rate": 0.2, "prompt_fire": {"mean": 1.0}}}},
+            "firing": {"groups": {"edit": {"fire_rate": 0.2, "prompt_fire": {"mean": 1.0}}}},
             "general": None if general is None else {"config": {"tasks": list(general), "limit": 100},
                                                      "tasks": general}}
 
@@ -190,6 +190,38 @@ def test_paired_test_choice_recomputes_from_cases():
     p["criteria"]["paired_test"] = "t"
     row = next(c for c in decide(synthetic_report(specificity=(32, 18)), p)["criteria"] if c["name"] == "specificity drop")
     assert row["test"] == "paired t-test"
+
+
+def test_a_report_written_before_the_rename_reads_and_decides_the_same(tmp_path):
+    """Reports on disk from before the rename keep the firing statistics under "gate": they render,
+    compare and decide as the renamed report does, and the release gate's CLI judges them alike."""
+    new = synthetic_report(general={"sciq": general_task(rate=0.01)})
+    old = {("gate" if k == "firing" else k): v for k, v in new.items()}
+    assert "firing" not in old and rep.firing_section(old) == rep.firing_section(new) == new["firing"]
+    assert rep.render_markdown(old) == rep.render_markdown(new) and "## Gate firing" in rep.render_markdown(old)
+    assert rep.render_text(old) == rep.render_text(new)
+    assert rep.compare_reports(old, new)["firing"] == rep.compare_reports(new, new)["firing"] != {}
+    decided = decide(new, policy())
+    assert decide(old, policy()) == decided
+    assert decided["data"]["firing_groups"] == {"edit": {"fire_rate": 0.2, "prompt_fire_rate": 1.0}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(policy()))
+    codes = []
+    for name, report in (("new", new), ("old", old)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        codes.append(cli("--report", tmp_path / name / "report.json", "--policy", tmp_path / "p.yaml", "--no-plots"))
+    assert codes[0] == codes[1] == decided["exit_code"]
+    old_gate_json = json.loads((tmp_path / "old" / "gate.json").read_text())
+    assert old_gate_json["criteria"] == json.loads((tmp_path / "new" / "gate.json").read_text())["criteria"]
+
+
+def test_firing_plot_reads_a_gate_json_from_before_the_rename(tmp_path):
+    pytest.importorskip("matplotlib")
+    from evals.plots import plot_firing
+
+    groups = {"edit": {"fire_rate": 0.2, "prompt_fire_rate": 1.0}}
+    assert plot_firing({"gate_groups": groups}, tmp_path / "old.png") is not None  # "gate_groups": old gate.json
+    assert plot_firing({"firing_groups": groups}, tmp_path / "new.png") is not None
 
 
 def test_general_tasks_drop_and_firing():
