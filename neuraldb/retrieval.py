@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_rows", "top1", "LowRankScreen", "SCREEN_MARGIN"]
+__all__ = ["unit_rows", "top1", "max_cosines", "LowRankScreen", "SCREEN_MARGIN"]
 
 SCREEN_MARGIN = 0.02
 _LOWER = 2.0**-8  # > half a bfloat16 ulp on [-1, 1]: rounding level - _LOWER stays below level
@@ -179,3 +179,18 @@ def _merge(best: torch.Tensor, arg: torch.Tensor, rows: torch.Tensor, score: tor
     best[rows] = torch.where(take, score, old_s)
     arg[rows] = torch.where(take, at, old_a)
     return best, arg
+
+
+@torch.no_grad()
+def max_cosines(keys: torch.Tensor, queries: torch.Tensor, *, chunk_size: int = 8192) -> torch.Tensor:
+    """(N,) float32: for each key row (N, d), its largest cosine with any query row (M, d), on
+    the queries' device; exact, chunked over both so N x M never sits in memory at once."""
+    q = unit_rows(queries.float())  # (M, d)
+    best = torch.full((keys.shape[0],), float("-inf"), device=q.device)
+    for start in range(0, keys.shape[0], chunk_size):
+        k = unit_rows(keys[start : start + chunk_size].to(q.device).float())  # (n, d)
+        m = torch.full((k.shape[0],), float("-inf"), device=q.device)
+        for qs in range(0, q.shape[0], chunk_size):
+            m = torch.maximum(m, (k @ q[qs : qs + chunk_size].T).max(dim=1).values)
+        best[start : start + k.shape[0]] = m
+    return best

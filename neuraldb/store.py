@@ -29,7 +29,6 @@ exactly the paper's.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from contextlib import contextmanager
@@ -39,11 +38,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .arch import ModelArch, resolve_arch
+from .arch import resolve_arch
+from .compat import check_compatible, layer_fingerprint, model_name
 from .config import check_gamma
 from .hook import StoreHook, attached_reader, mark_attached
-from .nethook import get_module
-from .retrieval import LowRankScreen, top1, unit_rows
+from .retrieval import LowRankScreen, max_cosines, top1, unit_rows
 from .words import NO_FORM, NO_WORD, WORD_WIDTH, word_match
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "model_name"]
@@ -53,19 +52,6 @@ log = logging.getLogger(__name__)
 
 class StoreError(ValueError):
     """A store that cannot be used as asked: wrong model or layer, corrupt file, bad input."""
-
-
-def layer_fingerprint(model: nn.Module, module_name: str) -> str:
-    """sha256 of the edited projection's weight (rounded to bfloat16, so fp32/bf16 copies agree)."""
-    weight = get_module(model, module_name).weight.detach()
-    h = hashlib.sha256(str(tuple(weight.shape)).encode())
-    h.update(weight.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
 
 
 def _same_forms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,16 +363,7 @@ class NeuralDB:
         q = torch.as_tensor(queries).detach().reshape(-1, self.d_key).float()
         if q.shape[0] == 0:
             raise StoreError("calibrate needs at least one query")
-        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        best = torch.full((len(rows),), float("-inf"))
-        for start in range(0, len(rows), chunk_size):
-            r = torch.tensor(rows[start : start + chunk_size], dtype=torch.long)
-            k = self.keys[r].to(q.device)
-            k = k / k.norm(dim=1, keepdim=True)
-            m = torch.full((len(r),), float("-inf"), device=q.device)
-            for qs in range(0, q.shape[0], chunk_size):
-                m = torch.maximum(m, (k @ q[qs : qs + chunk_size].T).max(dim=1).values)
-            best[start : start + len(r)] = m.cpu()
+        best = max_cosines(self.keys[torch.tensor(rows, dtype=torch.long)], q, chunk_size=chunk_size).cpu()
         new = best + float(margin)
         if rows:
             self.thresholds[torch.tensor(rows, dtype=torch.long)] = new
@@ -524,32 +501,11 @@ class NeuralDB:
             )
 
     def check_compatible(self, model: nn.Module, *, layer: int | None = None) -> None:
-        """Raise :class:`StoreError` unless this store was built for ``model`` at ``layer``."""
+        """Raise :class:`StoreError` unless this store was built for ``model`` at ``layer``
+        (:func:`neuraldb.compat.check_compatible`: module, key width, weight fingerprint)."""
         if layer is not None:
             self._check_layer(layer)
-        name = self.module_name(model)
-        try:
-            module = get_module(model, name)
-        except LookupError as exc:
-            raise StoreError(
-                f"this store was built for module {name!r} ({self.model_type or 'unknown'} family, "
-                f"model {self.model_name!r}); {type(model).__name__} has no such module"
-            ) from exc
-        weight = getattr(module, "weight", None)
-        if weight is not None and self.d_key not in tuple(weight.shape):
-            raise StoreError(
-                f"this store's keys have {self.d_key} dims but {name} has weight shape "
-                f"{tuple(weight.shape)}: it was built for another model ({self.model_name!r})"
-            )
-        if self.fingerprint:
-            fp = layer_fingerprint(model, name)
-            if fp != self.fingerprint:
-                raise StoreError(
-                    f"this store was built for model {self.model_name!r} whose {name} weights have "
-                    f"fingerprint {self.fingerprint}; this model ({model_name(model)!r}) has {fp}. "
-                    "Keys only make sense on the model they were computed on: load the matching base "
-                    "model, or re-edit the facts on this one"
-                )
+        check_compatible(self, model, error=StoreError)
 
     def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "NeuralDB":
         """Hook the gate into ``model`` (checks it is the store's model and layer)."""

@@ -1,0 +1,65 @@
+"""Is a store for this model? The edited module, its key width and its weights' fingerprint.
+
+Example::
+
+    fingerprint = layer_fingerprint(model, "model.layers.10.mlp.down_proj")   # saved with the store
+    check_compatible(db, model)          # what NeuralDB.load(path, model=model) and db.attach(model) run
+
+Keys and residuals only mean something on the model (and layer) they were computed on: a
+store loaded onto another model, another size of the family, or a fine-tuned copy is an
+error that names both models and the fix, never a silent misfire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .nethook import get_module
+
+__all__ = ["check_compatible", "layer_fingerprint", "model_name"]
+
+
+def layer_fingerprint(model: nn.Module, module_name: str) -> str:
+    """sha256 of the edited projection's weight (rounded to bfloat16, so fp32/bf16 copies agree)."""
+    weight = get_module(model, module_name).weight.detach()
+    h = hashlib.sha256(str(tuple(weight.shape)).encode())
+    h.update(weight.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_name(model: nn.Module) -> str:
+    """The model's name or path from its config (else its class name)."""
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
+
+
+def check_compatible(db: Any, model: nn.Module, *, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` unless ``db`` (a store) was built for ``model``: its key module exists,
+    has the store's key width, and its weights have the store's fingerprint (when it has one)."""
+    name = db.module_name(model)
+    try:
+        module = get_module(model, name)
+    except LookupError as exc:
+        raise error(
+            f"this store was built for module {name!r} ({db.model_type or 'unknown'} family, "
+            f"model {db.model_name!r}); {type(model).__name__} has no such module"
+        ) from exc
+    weight = getattr(module, "weight", None)
+    if weight is not None and db.d_key not in tuple(weight.shape):
+        raise error(
+            f"this store's keys have {db.d_key} dims but {name} has weight shape "
+            f"{tuple(weight.shape)}: it was built for another model ({db.model_name!r})"
+        )
+    if db.fingerprint:
+        fp = layer_fingerprint(model, name)
+        if fp != db.fingerprint:
+            raise error(
+                f"this store was built for model {db.model_name!r} whose {name} weights have "
+                f"fingerprint {db.fingerprint}; this model ({model_name(model)!r}) has {fp}. "
+                "Keys only make sense on the model they were computed on: load the matching base "
+                "model, or re-edit the facts on this one"
+            )
