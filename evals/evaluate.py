@@ -34,8 +34,9 @@ and consistency; per-case values in ``report["cases"]`` are raw (fractions, entr
 Intervals and tests are those of :mod:`evals.report` (Wilson / exact McNemar for one yes/no
 outcome per case, Student t / paired t otherwise).
 
-Gate firing (``report["gate"]``): with the store attached, one forward pass over each prompt
-of each group alone - ``edit`` (the edit prompt), ``paraphrase``, ``neighborhood``
+Firing (``report["firing"]``; ``"gate"`` in reports written before the rename, which
+:func:`evals.report.firing_section` still reads): with the store attached, one forward pass
+over each prompt of each group alone - ``edit`` (the edit prompt), ``paraphrase``, ``neighborhood``
 (CounterFact's neighbourhood prompts, zsRE's NQ question) and ``generation`` (the post-edit
 generated texts, prompt + continuation) - counting gated positions, fires
 (``NeuralDB.last_fire_mask``), prompts with any fire, and prompts where a fire retrieved the
@@ -71,7 +72,8 @@ import torch
 from tqdm.auto import tqdm
 
 from evals import report as rep
-from evals.datasets import EvalCase, EvalCases, LoadReport, load_any, load_counterfact, load_zsre
+from evals.cases import EvalCase, EvalCases, LoadReport
+from evals.datasets import load_any, load_counterfact, load_zsre
 from evals.hf_datasets import is_dataset, is_hub_id
 from evals.metrics import chat as chat_metric
 from evals.metrics import mentions as mention_metric
@@ -87,7 +89,7 @@ __all__ = ["EXTRA_METRICS", "METRICS", "MetricSpec", "SCHEMA", "check_general_ta
 
 log = logging.getLogger(__name__)
 SCHEMA = "neuraldb.evaluate/1"
-GATE_GROUPS = ("edit", "paraphrase", "neighborhood", "generation")
+FIRING_GROUPS = ("edit", "paraphrase", "neighborhood", "generation")
 
 
 @dataclass(frozen=True)
@@ -524,7 +526,7 @@ def _score_extras(model: Any, tok: Any, cases: Sequence[EvalCase], plan: _Plan, 
         timings[f"{phase}_chat"] = timings.get(f"{phase}_chat", 0.0) + time.perf_counter() - t0
 
 
-def _gate_prompts(case: EvalCase, texts: Sequence[str] | None) -> dict[str, list[str]]:
+def _firing_prompts(case: EvalCase, texts: Sequence[str] | None) -> dict[str, list[str]]:
     groups = {"edit": [case.fact.text], "paraphrase": list(case.fact.paraphrases),
               "neighborhood": list(case.fact.neighborhood) if case.kind == "counterfact"
               else ([case.loc_prompt] if case.loc_prompt else [])}
@@ -534,12 +536,12 @@ def _gate_prompts(case: EvalCase, texts: Sequence[str] | None) -> dict[str, list
 
 
 @torch.no_grad()
-def _gate(model: Any, tok: Any, db: Any, cases: Sequence[EvalCase], texts: Sequence[Sequence[str] | None],
-          row_of: Mapping[str, int], batch_size: int) -> list[dict[str, dict[str, int]]]:
+def _firing(model: Any, tok: Any, db: Any, cases: Sequence[EvalCase], texts: Sequence[Sequence[str] | None],
+            row_of: Mapping[str, int], batch_size: int) -> list[dict[str, dict[str, int]]]:
     """Per case and prompt group: prompts, gated positions, fires, prompts fired, prompts fired on the own fact."""
     items = []  # (case index, group, prompt ids)
     for k, (case, t) in enumerate(zip(cases, texts)):
-        for group, prompts in _gate_prompts(case, t).items():
+        for group, prompts in _firing_prompts(case, t).items():
             for p in prompts:
                 ids = list(tok(p, add_special_tokens=True)["input_ids"])
                 if ids:
@@ -630,11 +632,12 @@ def _summarize_metrics(kind: str, metrics: Sequence[str], cases: Sequence[EvalCa
     return out
 
 
-def _summarize_gate(db: Any, records: Sequence[Mapping[str, Any]], confidence: float) -> dict[str, Any]:
+def _summarize_firing(db: Any, records: Sequence[Mapping[str, Any]], confidence: float) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {}
     keys = ("prompts", "positions", "fires", "prompts_fired", "own_fires", "prompts_fired_own")
-    for g in GATE_GROUPS:
-        per = [r["gate"][g] for r in records if g in r.get("gate", {})]
+    sections = [rep.firing_section(r) for r in records]  # "gate" in cases written before the rename
+    for g in FIRING_GROUPS:
+        per = [s[g] for s in sections if g in s]
         if not per:
             continue
         tot = {k: sum(p[k] for p in per) for k in keys}
@@ -768,8 +771,8 @@ def evaluate(
                 post = _score(model, tok, reduced, plan, reference, timings, "post")
                 t0 = time.perf_counter()
                 db.reset_stats()
-                gate = _gate(model, tok, db, batch, [p.get("texts") for p in post], row_of, batch_size)
-                timings["gate"] = timings.get("gate", 0.0) + time.perf_counter() - t0
+                firing = _firing(model, tok, db, batch, [p.get("texts") for p in post], row_of, batch_size)
+                timings["firing"] = timings.get("firing", 0.0) + time.perf_counter() - t0
                 if "mentions" in plan.metrics:  # gate recall at the subject of each mention variant
                     t0 = time.perf_counter()
                     fired = mention_metric.mention_gate(model=model, tokenizer=tok, db=db, cases=reduced,
@@ -782,8 +785,8 @@ def evaluate(
                 db.detach()
             per_case_s = (time.perf_counter() - t_chunk) / len(batch)
             records = []
-            for c, a, b, g in zip(batch, pre, post, gate):
-                rec = {"case_id": c.case_id, "fact_id": c.fact.id, "pre": a["values"], "post": b["values"], "gate": g,
+            for c, a, b, g in zip(batch, pre, post, firing):
+                rec = {"case_id": c.case_id, "fact_id": c.fact.id, "pre": a["values"], "post": b["values"], "firing": g,
                        "detail": {"pre": a["detail"], "post": b["detail"]}, "seconds": per_case_s}
                 if a.get("texts") or b.get("texts"):
                     rec["samples"] = {"pre": (a.get("texts") or [None])[0], "post": (b.get("texts") or [None])[0]}
@@ -819,7 +822,7 @@ def evaluate(
                                 "data_dir": str(data_dir) if data_dir is not None else os.environ.get("NEURALDB_DATA_DIR")}},
         "metrics": _summarize_metrics(kind, selected, cases, records, confidence, reference_paths,
                                       chat_skip=chat_metric.missing_chat_template(tok)),
-        "gate": _summarize_gate(db, records, confidence),
+        "firing": _summarize_firing(db, records, confidence),
         "general": general,
         "cases": records,
         "versions": _versions(),

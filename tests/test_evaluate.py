@@ -37,7 +37,7 @@ CASES = [EvalCase(case_id=i, kind="counterfact", fact=f,
 CFG = EditConfig(layer=1, steps=80, lr=0.5, clamp_norm_factor=8.0, context_prefixes=("the", "i"), context_length=3,
                  batch_size=2)
 FAST = dict(batch_size=2, generation_tokens=4, progress=False)
-TOP_KEYS = {"schema", "created", "dataset", "model", "store", "config", "metrics", "gate", "general", "cases",
+TOP_KEYS = {"schema", "created", "dataset", "model", "store", "config", "metrics", "firing", "general", "cases",
             "versions", "timings", "warnings"}
 
 
@@ -59,7 +59,7 @@ def copy_store(db: NeuralDB, tmp_path, **changes) -> NeuralDB:
 def deterministic(report):
     """The parts of a report that must not depend on timing or on where it was written."""
     cases = [{k: v for k, v in c.items() if k != "seconds"} for c in report["cases"]]
-    return {"metrics": report["metrics"], "gate": report["gate"], "cases": cases, "store": report["store"],
+    return {"metrics": report["metrics"], "firing": report["firing"], "cases": cases, "store": report["store"],
             "dataset": report["dataset"]}
 
 
@@ -77,12 +77,13 @@ def test_report_structure_and_json(edited):
     assert r["metrics"]["fluency"]["pre"]["n"] == 3 and r["metrics"]["fluency"]["word_tokenizer"]
     assert [c["fact_id"] for c in r["cases"]] == ["e1", "e2", "e3"]
     case = r["cases"][0]
-    assert set(case) >= {"case_id", "fact_id", "pre", "post", "gate", "detail", "samples", "seconds"}
-    assert set(case["gate"]) == {"edit", "paraphrase", "neighborhood", "generation"}
-    gate = r["gate"]["groups"]
-    assert gate["edit"]["prompts"] == 3 and gate["paraphrase"]["prompts"] == 4 and gate["neighborhood"]["prompts"] == 5
-    assert gate["edit"]["prompts_fired"] == 3 and gate["edit"]["prompts_fired_own"] == 3  # the subject's key fires
-    assert r["gate"]["gamma"] == db.gamma and r["store"]["facts"] == 3 and r["store"]["digest"]
+    assert set(case) >= {"case_id", "fact_id", "pre", "post", "firing", "detail", "samples", "seconds"}
+    assert set(case["firing"]) == {"edit", "paraphrase", "neighborhood", "generation"}
+    firing = r["firing"]["groups"]
+    assert firing["edit"]["prompts"] == 3 and firing["paraphrase"]["prompts"] == 4
+    assert firing["neighborhood"]["prompts"] == 5
+    assert firing["edit"]["prompts_fired"] == 3 and firing["edit"]["prompts_fired_own"] == 3  # the subject's key fires
+    assert r["firing"]["gamma"] == db.gamma and r["store"]["facts"] == 3 and r["store"]["digest"]
     assert r["store"]["edit"]["n"] == 3 and r["store"]["config"]["layer"] == 1
     assert r["dataset"]["load_report"]["loaded"] == 3 and r["dataset"]["n_cases"] == 3
     assert {"neuraldb", "torch", "transformers", "lm_eval", "python"} <= set(r["versions"])
@@ -100,12 +101,12 @@ def test_closed_gate_gives_identical_pre_and_post(edited, tmp_path):
     for c in r["cases"]:
         assert c["pre"] == c["post"] and c["detail"]["pre"] == c["detail"]["post"]
         assert c["samples"]["pre"] == c["samples"]["post"]
-        assert all(g["fires"] == 0 and g["prompts_fired"] == 0 for g in c["gate"].values())
+        assert all(g["fires"] == 0 and g["prompts_fired"] == 0 for g in c["firing"].values())
     for name, m in r["metrics"].items():
         if not m.get("skipped"):
             assert m["pre"] == m["post"] and m["difference"]["mean"] == 0, name
             assert m["test"]["p_value"] == 1.0
-    for g in r["gate"]["groups"].values():
+    for g in r["firing"]["groups"].values():
         assert g["fires"] == 0 and g["fire_rate"] == 0 and g["prompt_fire"]["mean"] == 0 and g["positions"] > 0
 
 
@@ -143,6 +144,27 @@ def test_resume_skips_finished_cases_and_matches_an_uninterrupted_run(edited, tm
     assert deterministic(resumed) == deterministic(whole)
     assert json.loads((out / "report.json").read_text())["metrics"] == whole["metrics"]
     assert (out / "report.md").read_text().startswith("# NeuralDB evaluation")
+
+
+def test_cases_written_before_the_rename_resume_with_the_same_firing(edited, tmp_path, monkeypatch):
+    """A cases.jsonl whose records keep the firing statistics under "gate" (written before the
+    rename) resumes without recomputing anything and summarises to the same report["firing"]."""
+    model, tok, db = edited
+    out = tmp_path / "run"
+    kw = dict(tokenizer=tok, dataset=CASES, output_dir=out, metrics=["efficacy"], **FAST)
+    first = neuraldb.evaluate(model, db, **kw)
+    path = out / "cases.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({("gate" if k == "firing" else k): v for k, v in r.items()}) + "\n"
+                            for r in records))
+
+    def fail(**kw):
+        raise AssertionError("a finished case was recomputed")
+
+    monkeypatch.setattr(ev, "counterfact_scores", fail)
+    again = neuraldb.evaluate(model, db, **kw)
+    assert again["firing"] == first["firing"] and again["firing"]["groups"]["edit"]["prompts"] == 3
+    assert again["metrics"] == first["metrics"]
 
 
 def test_torn_last_line_is_dropped(edited, tmp_path):
@@ -233,7 +255,7 @@ def test_dataset_path_selects_the_stored_cases(edited, tmp_path):
         assert [c["fact_id"] for c in again["cases"]] == ["counterfact-1"]
         assert again["metrics"]["efficacy"] == r["metrics"]["efficacy"]
     assert r["dataset"]["only_stored"] is True and r["dataset"]["load_report"]["records"] == 3
-    assert "fluency" not in r["metrics"] and "generation" not in r["gate"]["groups"]
+    assert "fluency" not in r["metrics"] and "generation" not in r["firing"]["groups"]
     r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, limit=2, metrics=["efficacy"], **FAST)
     assert r["dataset"]["n_cases"] == 2
     with pytest.raises(ValueError, match="did you mean 'efficacy'"):
@@ -262,7 +284,7 @@ def test_zsre_cases(edited):
     assert list(r["metrics"]) == ["efficacy", "generalization", "specificity"]
     assert all(m["kind"] == "mean" for m in r["metrics"].values())
     assert r["metrics"]["efficacy"]["post"]["mean"] == 100.0
-    assert set(r["cases"][0]["gate"]) == {"edit", "paraphrase", "neighborhood"}
+    assert set(r["cases"][0]["firing"]) == {"edit", "paraphrase", "neighborhood"}
 
 
 def test_general_tasks_through_a_fake_module(edited, tmp_path, monkeypatch):

@@ -39,9 +39,9 @@ def test_counterfact_edits_work_and_neighbours_keep(cf_run):
     assert abs(m["specificity"]["post"]["mean"] - m["specificity"]["pre"]["mean"]) <= 8
     assert m["efficacy_magnitude"]["post"]["mean"] > 50
     assert 200 < m["fluency"]["pre"]["mean"] and abs(m["fluency"]["post"]["mean"] - m["fluency"]["pre"]["mean"]) < 100
-    gate = r["gate"]["groups"]
-    assert gate["edit"]["prompt_fire"]["mean"] >= 0.9 and gate["edit"]["own_prompt_rate"] >= 0.9
-    assert gate["neighborhood"]["own_prompt_rate"] <= 0.1  # neighbours rarely retrieve the edited fact
+    firing = r["firing"]["groups"]
+    assert firing["edit"]["prompt_fire"]["mean"] >= 0.9 and firing["edit"]["own_prompt_rate"] >= 0.9
+    assert firing["neighborhood"]["own_prompt_rate"] <= 0.1  # neighbours rarely retrieve the edited fact
     assert json.loads((out / "report.json").read_text())["metrics"] == m
     assert "| efficacy (%) |" in (out / "report.md").read_text()
 
@@ -59,7 +59,7 @@ def test_counterfact_rerun_recomputes_nothing(cf_run, smollm2, shared_data, monk
     monkeypatch.setattr(ev, "counterfact_scores", fail)
     again = neuraldb.evaluate(model, db, dataset="counterfact", data_dir=shared_data,  # tokenizer from the alias
                               output_dir=out, generation_prompts=1, generation_tokens=20, progress=False)
-    assert again["metrics"] == r["metrics"] and again["gate"] == r["gate"]
+    assert again["metrics"] == r["metrics"] and again["firing"] == r["firing"]
 
 
 def test_zsre_token_accuracy_rises(smollm2, shared_data):
