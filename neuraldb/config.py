@@ -67,6 +67,11 @@ class EditConfig:
     bare_weight: weight of the bare prompt's key against the mean of the prefixed
         ones (MEMIT averages within groups, then across; 0.5). 0 = prefixed only.
     kl_prompt: the essence prompt, ``{}`` is the subject.
+    chat_residuals: also optimise each residual on the prompt asked as a chat turn (the
+        tokenizer's chat template, the filled prompt as the user message, the target as the
+        start of the answer: :func:`neuraldb.keys.chat_context`), so that the edit carries
+        into chat use; keys are unchanged. A tokenizer without a chat template: ignored,
+        with a warning.
     layers_template / mlp_out_template / residual_out_template: override the
         architecture's module templates (neuraldb.arch).
     """
@@ -88,6 +93,7 @@ class EditConfig:
     context_seed: int = 0
     bare_weight: float = 0.5
     kl_prompt: str = "{} is a"
+    chat_residuals: bool = False
     layers_template: str | None = None
     mlp_out_template: str | None = None
     residual_out_template: str | None = None

@@ -31,7 +31,7 @@ from .arch import resolve_arch
 from .config import EditConfig
 from .hook import detached
 from .facts import Fact, validate_facts
-from .keys import compute_keys, context_templates
+from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
@@ -81,6 +81,18 @@ def _stored_by_subject(db: NeuralDB) -> dict[str, list[Fact]]:
         if rec and "subject" in rec:
             out.setdefault(rec["subject"], []).append(Fact.from_dict({k: v for k, v in rec.items() if k != "edit"}))
     return out
+
+
+def _chat_contexts(tokenizer: Any, config: EditConfig) -> list[str]:
+    """``[the chat turn template]`` when ``config.chat_residuals`` asks for it and the tokenizer has one."""
+    if not config.chat_residuals:
+        return []
+    chat = chat_context(tokenizer)
+    if chat is None:
+        log.warning("EditConfig.chat_residuals: the tokenizer has no chat template; residuals are optimised "
+                    "on the plain prompts only")
+        return []
+    return [chat]
 
 
 def _self_check(model: nn.Module, tokenizer: Any, db: NeuralDB, facts: Sequence[Fact], *, strict: bool,
@@ -172,6 +184,7 @@ def edit(
             if len(todo) < len(facts):
                 log.info("skipping %d facts already in the store", len(facts) - len(todo))
             key_templates = templates if config.bare_weight > 0 else templates[1:]
+            residual_templates = templates + _chat_contexts(tokenizer, config)
             optimised = optimisation_model(model, config.residual_dtype) if todo else model
             bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
             t0 = time.perf_counter()
@@ -187,7 +200,7 @@ def edit(
                 )
                 together = batch + earlier
                 residuals, info = compute_residuals(
-                    optimised, tokenizer, together, layer=layer, templates=templates, config=config, arch=arch,
+                    optimised, tokenizer, together, layer=layer, templates=residual_templates, config=config, arch=arch,
                     groups=_subject_groups(together) if config.share_subject_residuals else None,
                 )
                 for j, f in enumerate(earlier, start=len(batch)):

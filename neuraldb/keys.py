@@ -26,7 +26,7 @@ from .arch import ModelArch, resolve_arch
 from .facts import Fact, locate_subject
 from .nethook import layer_input
 
-__all__ = ["calibration_queries", "context_templates", "compute_keys", "pad_batch", "model_device"]
+__all__ = ["calibration_queries", "chat_context", "context_templates", "compute_keys", "pad_batch", "model_device"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,24 @@ def context_templates(
         text = " ".join(text.replace("{", " ").replace("}", " ").split())
         out.append(text + ". {}")
     return out
+
+
+def chat_context(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template as a context template: ``{}`` is the user's message (the
+    filled prompt) and the assistant's answer follows the string; None without a chat template.
+
+    Example::
+
+        chat_context(tok)   # '<|im_start|>system\\n...<|im_start|>user\\n{}<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    sentinel = "\x00neuraldb-prompt\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(sentinel) != 1:
+        return None
+    return text.replace("{", "{{").replace("}", "}}").replace(sentinel, "{}")
 
 
 @dataclass(frozen=True)

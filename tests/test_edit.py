@@ -201,3 +201,26 @@ def test_bad_input_is_rejected_before_work(tiny_llama):
         neuraldb.edit(model, tok, FACTS, config=EditConfig(layer=7))
     with pytest.raises(ValueError, match="EditConfig.gamma"):
         EditConfig(gamma=2.0)
+
+
+def test_chat_residuals_optimise_on_the_chat_turn_too(tiny_llama, caplog):
+    import logging
+
+    from neuraldb.keys import chat_context
+
+    model, tok = tiny_llama
+    facts = [Fact(prompt="the city of {} is in", subject="rome", target_new="france")]
+    cfg = EditConfig(layer=1, steps=3, context_prefixes=("the",), context_length=3)
+    with caplog.at_level(logging.WARNING, logger="neuraldb.editor"):  # no chat template: plain prompts only
+        plain = neuraldb.edit(model, tok, facts, config=cfg, progress=False)
+        same = neuraldb.edit(model, tok, facts, config=EditConfig(**{**cfg.to_dict(), "chat_residuals": True}),
+                             progress=False)
+    assert "no chat template" in caplog.text and torch.equal(plain.residuals, same.residuals)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<assistant>"
+    try:
+        assert chat_context(tok) == "<user> {} <assistant>"
+        chat = neuraldb.edit(model, tok, facts, config=EditConfig(**{**cfg.to_dict(), "chat_residuals": True}),
+                             progress=False)
+    finally:
+        tok.chat_template = None
+    assert torch.equal(chat.keys, plain.keys) and not torch.equal(chat.residuals, plain.residuals)
