@@ -82,7 +82,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from evals.datasets import editable_cases
     import neuraldb
     from evals import report as rep
-    from evals.evaluate import EXTRA_METRICS, METRICS, check_general_tasks, evaluate
+    from evals.config import check_general_tasks
+    from evals.evaluate import evaluate
+    from evals.metrics.specs import EXTRA_METRICS, METRICS
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -153,13 +155,14 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     from evals import report as rep
+    from evals.compare import compare_reports, render_comparison
 
     a, b = rep.load_report(args.a), rep.load_report(args.b)
-    cmp = rep.compare_reports(a, b)
+    cmp = compare_reports(a, b)
     if args.json:
         print(json.dumps(rep.clean_json(cmp), indent=1, ensure_ascii=False))
     else:
         print(f"A: {args.a}\nB: {args.b}")
-        print(rep.render_comparison(cmp))
+        print(render_comparison(cmp))
     return 0
 

@@ -130,8 +130,8 @@ def _minimum_check(report: Mapping[str, Any], name: str, threshold: float | None
     if rule != "mean" and abs(report_confidence(report) - policy.confidence) > 1e-9:
         vals = list(_case_values(report, name, "post").values())
         if vals:
-            post = rep.summarize_metric(vals, vals, kind=m.get("kind", "mean"), confidence=policy.confidence,
-                                        scale=float(m.get("scale", 100)))["post"]
+            post = stats.summarize_metric(vals, vals, kind=m.get("kind", "mean"), confidence=policy.confidence,
+                                          scale=float(m.get("scale", 100)))["post"]
             note = f"interval recomputed from the per-case values at the policy's {policy.confidence:g} level"
     mean, ci = post.get("mean"), post.get("ci")
     if mean is None:

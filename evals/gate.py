@@ -57,7 +57,7 @@ GATE_SCHEMA = "neuraldb.gate/1"
 
 
 def _run_key(db: Any, model: Any, ev: Evaluation, confidence: float) -> str:
-    from evals.evaluate import store_digest
+    from evals.runs import store_digest
     from neuraldb.store import model_name
 
     ident = {"store": store_digest(db), "model": model_name(model), "evaluation": asdict(ev), "confidence": confidence}

@@ -166,14 +166,14 @@ def load_judged(pol: Policy, *, release: Any, db: Any, model: Any, tokenizer: An
 
 
 def store_summary(db: Any) -> dict[str, Any]:
-    from evals.evaluate import store_digest
+    from evals.runs import store_digest
 
     return {"facts": len(db), "layer": db.layer, "gamma": db.gamma, "model_name": db.model_name,
             "fingerprint": db.fingerprint, "digest": store_digest(db)}
 
 
 def check_report_is_of(report: Mapping[str, Any], db: Any, path: str | None) -> None:
-    from evals.evaluate import store_digest
+    from evals.runs import store_digest
 
     rs = report.get("store") or {}
     digest = store_digest(db)

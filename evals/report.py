@@ -1,24 +1,15 @@
-"""Evaluation reports: the statistics behind them, JSON and Markdown rendering, comparison.
+"""Evaluation reports: JSON files, Markdown and terminal rendering.
 
 Example::
 
     from evals import report
-    report.summarize_metric(pre, post, kind="proportion")   # pre/post intervals, difference, paired test
     report.write_report(rep, "reports/cf")                   # report.json + report.md, atomically
     print(report.render_markdown(rep))
-    print(report.render_comparison(report.compare_reports(a, b)))
+    print(report.render_text(report.load_report("reports/cf")))
 
-Statistics (:mod:`evals.stats`, computed on per-case values):
-
-* a metric where every case contributes ONE yes/no outcome (CounterFact's efficacy: one edit
-  prompt per case) is a proportion: Wilson score interval; pre vs post is the exact McNemar
-  test (``mcnemar_exact``: a two-sided binomial test on the discordant pairs);
-* every other metric (means over several prompts or tokens per case, magnitudes, fluency) is
-  a mean of per-case values: Student t interval; pre vs post is the paired t-test (``t``);
-* the difference post - pre always gets the t interval of the per-case differences.
-
-Cases without a value (e.g. no paraphrase) are left out; paired statistics use the cases
-that have both values. Everything returned is JSON-serialisable (NaN/inf become None).
+The statistics in a report (intervals, paired tests) are computed by :mod:`evals.stats`
+(:func:`evals.stats.summarize_metric`); two reports are compared by :mod:`evals.compare`.
+Everything written is strict JSON (:func:`clean_json`: NaN/inf become None).
 
 Rendering is a set of small functions, each taking the report dict and returning a Markdown
 block (``render_metrics``, ``render_firing``, ``render_general``, ...); ``render_markdown``
@@ -37,62 +28,18 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from evals.stats import DEFAULT_TEST, display_name, mean_ci, paired_test, proportion_ci
+from evals.stats import display_name
 from neuraldb.io import write_text
 
 __all__ = [
-    "SECTIONS", "clean_json", "compare_reports", "firing_section", "format_value", "load_report",
-    "render_chat", "render_comparison", "render_config", "render_data", "render_firing",
+    "SECTIONS", "aligned_table", "clean_json", "firing_section", "format_percent", "format_value", "load_report",
+    "render_chat", "render_config", "render_data", "render_firing",
     "render_general", "render_header", "render_markdown", "render_mentions", "render_metrics", "render_samples",
-    "render_text", "render_timings",
-    "summarize_metric", "write_json", "write_report",
+    "render_text", "render_timings", "write_json", "write_report",
 ]
 
-T_METHOD = "Student t interval of the mean of per-case values"
-WILSON_METHOD = "Wilson score interval (one yes/no outcome per case)"
 
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _scaled(summary: Mapping[str, Any], scale: float) -> dict[str, Any]:
-    out = dict(summary)
-    for key in ("mean", "sd"):
-        if out.get(key) is not None:
-            out[key] = out[key] * scale
-    if out.get("ci") is not None:
-        out["ci"] = [c * scale for c in out["ci"]]
-    return out
-
-
-def summarize_metric(pre: Sequence[float | None], post: Sequence[float | None], *, kind: str = "mean",
-                     confidence: float = 0.95, scale: float = 1.0) -> dict[str, Any]:
-    """Pre and post summaries, the paired difference and test, for aligned per-case values.
-
-    ``kind``: "proportion" (values are 0/1: Wilson intervals, McNemar) or "mean"
-    (t intervals, paired t). Means and intervals are multiplied by ``scale``.
-    """
-    if len(pre) != len(post):
-        raise ValueError(f"pre has {len(pre)} values, post {len(post)}")
-    if kind not in ("proportion", "mean"):
-        raise ValueError(f"kind must be 'proportion' or 'mean', got {kind!r}")
-
-    def one(values: Sequence[float | None]) -> dict[str, Any]:
-        vals = [float(v) for v in values if v is not None]
-        if kind == "proportion":
-            return proportion_ci(sum(1 for v in vals if v >= 0.5), len(vals), confidence=confidence)
-        return mean_ci(vals, confidence=confidence)
-
-    pairs = [(float(a), float(b)) for a, b in zip(pre, post) if a is not None and b is not None]
-    diff = mean_ci([b - a for a, b in pairs], confidence=confidence)
-    test = paired_test([a for a, _ in pairs], [b for _, b in pairs], test=DEFAULT_TEST[kind])
-    return {
-        "kind": kind,
-        "pre": _scaled(one(pre), scale),
-        "post": _scaled(one(post), scale),
-        "difference": _scaled(diff, scale),
-        "test": test,
-    }
+# ----------------------------------------------------------------------------- files
 
 
 def clean_json(obj: Any) -> Any:
@@ -110,9 +57,6 @@ def clean_json(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return str(obj)
-
-
-# ----------------------------------------------------------------------------- files
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
@@ -176,7 +120,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def format_percent(x: float | None, digits: int = 1) -> str:
+    """A fraction as a percentage: ``0.125 -> '12.5%'``; ``'-'`` for None."""
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
@@ -212,9 +157,9 @@ def _firing_rows(report: Mapping[str, Any]) -> list[list[str]]:
     for group, g in firing_section(report).get("groups", {}).items():
         pf = g.get("prompt_fire") or {}
         ci = pf.get("ci")
-        any_fire = _pct(pf.get("mean")) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
-        rows.append([group, str(g.get("prompts", 0)), any_fire, _pct(g.get("own_prompt_rate")),
-                     f"{g.get('fires', 0)}/{g.get('positions', 0)} ({_pct(g.get('fire_rate'), 2)})"])
+        any_fire = format_percent(pf.get("mean")) + (f" [{format_percent(ci[0])}, {format_percent(ci[1])}]" if ci else "")
+        rows.append([group, str(g.get("prompts", 0)), any_fire, format_percent(g.get("own_prompt_rate")),
+                     f"{g.get('fires', 0)}/{g.get('positions', 0)} ({format_percent(g.get('fire_rate'), 2)})"])
     return rows
 
 
@@ -280,7 +225,7 @@ def _general_rows(report: Mapping[str, Any]) -> list[list[str]]:
                      format_value(t.get("difference"), 4, signed=True), _p((t.get("test") or {}).get("p_value")),
                      "-" if ident is None else f"{100 * ident:.1f}%",
                      f"{fire.get('examples_fired', '-')}/{fire.get('examples', '-')}",
-                     f"{fire.get('fires', 0)}/{fire.get('positions', 0)} ({_pct(fire.get('rate'), 3)})"])
+                     f"{fire.get('fires', 0)}/{fire.get('positions', 0)} ({format_percent(fire.get('rate'), 3)})"])
     return rows
 
 
@@ -395,7 +340,8 @@ def render_markdown(report: Mapping[str, Any], sections: Sequence[Callable[[Mapp
 # ----------------------------------------------------------------------------- terminal
 
 
-def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def aligned_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table with left-aligned columns, for the terminal."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
@@ -406,105 +352,17 @@ def render_text(report: Mapping[str, Any]) -> str:
     ds, store = report.get("dataset", {}), report.get("store", {})
     out = [f"{ds.get('name')}: {ds.get('n_cases')} cases; store {store.get('facts')} facts, layer "
            f"{store.get('layer')}, gamma {store.get('gamma')}"]
-    out.append(_aligned(["metric", "pre", "post", "post - pre", "test", "p"], _metric_rows(report)))
+    out.append(aligned_table(["metric", "pre", "post", "post - pre", "test", "p"], _metric_rows(report)))
     firing_rows = _firing_rows(report)
     if firing_rows:
         out.append("gate firing (store attached):")
-        out.append(_aligned(["prompts", "n", "fired", "own fact", "fires/positions"], firing_rows))
+        out.append(aligned_table(["prompts", "n", "fired", "own fact", "fires/positions"], firing_rows))
     general_rows = _general_rows(report)
     if general_rows:
         out.append("general abilities (before / after):")
-        out.append(_aligned(["task", "metric", "shots", "n", "before", "after", "diff", "p", "identical",
+        out.append(aligned_table(["task", "metric", "shots", "n", "before", "after", "diff", "p", "identical",
                              "fired examples", "fires/positions"], general_rows))
     out += [f"skipped {n}: {r}" for n, r in _skipped(report)]
     out += [f"note: {w}" for w in report.get("warnings", [])]
     return "\n".join(out)
 
-
-# ----------------------------------------------------------------------------- comparison
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one dict with dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: obj}
-
-
-def _overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool | None:
-    if not a or not b:
-        return None
-    return not (a[1] < b[0] or b[1] < a[0])
-
-
-def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """What differs between two saved reports (B relative to A); nothing is re-run."""
-    metrics = {}
-    for name in list(dict.fromkeys([*a.get("metrics", {}), *b.get("metrics", {})])):
-        ma, mb = a.get("metrics", {}).get(name) or {}, b.get("metrics", {}).get(name) or {}
-        row: dict[str, Any] = {"unit": ma.get("unit") or mb.get("unit")}
-        for phase in ("pre", "post"):
-            pa, pb = ma.get(phase) or {}, mb.get(phase) or {}
-            va, vb = pa.get("mean"), pb.get("mean")
-            row[phase] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va,
-                          "ci_a": pa.get("ci"), "ci_b": pb.get("ci"), "cis_overlap": _overlap(pa.get("ci"), pb.get("ci"))}
-        metrics[name] = row
-    firing = {}
-    ga, gb = firing_section(a).get("groups", {}), firing_section(b).get("groups", {})
-    for group in list(dict.fromkeys([*ga, *gb])):
-        x, y = ga.get(group) or {}, gb.get(group) or {}
-        firing[group] = {key: {"a": x.get(key), "b": y.get(key)} for key in ("fire_rate", "own_prompt_rate")}
-        for key, sub in (("prompt_fire_rate", "prompt_fire"),):
-            firing[group][key] = {"a": (x.get(sub) or {}).get("mean"), "b": (y.get(sub) or {}).get("mean")}
-    general = {}
-    ta, tb = ((a.get("general") or {}).get("tasks") or {}), ((b.get("general") or {}).get("tasks") or {})
-    for task in list(dict.fromkeys([*ta, *tb])):
-        x, y = ta.get(task) or {}, tb.get(task) or {}
-        general[task] = {"metric": x.get("metric") or y.get("metric"),
-                         **{k: {"a": x.get(k), "b": y.get(k)} for k in ("before", "after", "identical_fraction")}}
-    def setup(r: Mapping[str, Any]) -> dict[str, Any]:  # what was run, flattened (case ids compared below)
-        return flatten({"config": r.get("config"), "store": dict(r.get("store") or {}),
-                        "dataset": {k: v for k, v in (r.get("dataset") or {}).items() if k != "case_ids"},
-                        "model": r.get("model"), "versions": r.get("versions")})
-
-    fa, fb = setup(a), setup(b)
-    config = {k: {"a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
-    ids_a = {c.get("fact_id") for c in a.get("cases", [])}
-    ids_b = {c.get("fact_id") for c in b.get("cases", [])}
-    return {"metrics": metrics, "firing": firing, "general": general, "config": config,
-            "cases": {"a": len(ids_a), "b": len(ids_b), "shared": len(ids_a & ids_b)}}
-
-
-def render_comparison(cmp: Mapping[str, Any], *, label_a: str = "A", label_b: str = "B") -> str:
-    """Plain-text rendering of :func:`compare_reports` (metrics, gate firing, configuration differences)."""
-    rows = []
-    for name, m in cmp["metrics"].items():
-        for phase in ("pre", "post"):
-            p = m[phase]
-            flag = {True: "", False: "  *CIs disjoint*", None: ""}[p["cis_overlap"]]
-            rows.append([name if phase == "pre" else "", phase, format_value(p["a"]), format_value(p["b"]),
-                         format_value(p["b_minus_a"], signed=True) + flag])
-    c = cmp["cases"]
-    out = [f"cases: {label_a} {c['a']}, {label_b} {c['b']}, shared {c['shared']}",
-           _aligned(["metric", "phase", label_a, label_b, f"{label_b} - {label_a}"], rows)]
-    if cmp["firing"]:
-        grows = []
-        for group, g in cmp["firing"].items():
-            grows.append([group] + [f"{_pct(g[k]['a'], 2)} -> {_pct(g[k]['b'], 2)}"
-                                    for k in ("prompt_fire_rate", "own_prompt_rate", "fire_rate")])
-        out += ["gate firing:", _aligned(["prompts", "fired", "own fact", "fires/positions"], grows)]
-    if cmp.get("general"):
-        trows = [[task, str(g["metric"])] + [f"{format_value(g[k]['a'], 4)} -> {format_value(g[k]['b'], 4)}"
-                                            for k in ("before", "after", "identical_fraction")]
-                 for task, g in cmp["general"].items()]
-        out += ["general abilities:", _aligned(["task", "metric", "before", "after", "identical"], trows)]
-    if cmp["config"]:
-        out.append("differences in configuration:")
-        for key, v in cmp["config"].items():
-            out.append(f"  {key}: {v['a']!r} -> {v['b']!r}")
-    else:
-        out.append("no differences in configuration")
-    return "\n".join(out)

@@ -7,6 +7,7 @@ Example::
     stats.proportion_ci(17, 20, confidence=0.95)            # Wilson score interval
     stats.paired_test(pre, post, test="mcnemar_exact")       # {'name': 'mcnemar_exact', 'p_value': ...}
     stats.display_name("wilcoxon")                           # 'Wilcoxon signed-rank'
+    stats.summarize_metric(pre, post, kind="proportion")    # pre/post intervals, difference, paired test
 
 Tests are named by one id each (:data:`TEST_IDS`), which is what reports store in
 ``test["name"]``; :func:`display_name` gives the words shown in tables. Reports written by
@@ -20,17 +21,25 @@ earlier versions stored other strings (``"exact McNemar (binomial test on discor
   dropped);
 * unpaired comparisons of two aggregates (reports keep no per-example scores of general tasks):
   ``fisher_exact`` for two proportions, ``z_intervals`` (a z-test from the two intervals) otherwise.
+
+A metric of an evaluation report (:func:`summarize_metric`, on per-case values) where every case
+contributes ONE yes/no outcome (CounterFact's efficacy: one edit prompt per case) is a
+proportion: Wilson score interval, pre vs post by ``mcnemar_exact``; every other metric (means
+over several prompts or tokens per case, magnitudes, fluency) is a mean of per-case values:
+Student t interval, paired ``t``. The difference post - pre always gets the t interval of the
+per-case differences. Cases without a value (e.g. no paraphrase) are left out; paired
+statistics use the cases that have both values.
 """
 
 from __future__ import annotations
 
 import math
 from statistics import fmean
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "DEFAULT_TEST", "TEST_IDS", "canonical_test", "display_name", "mean_ci", "paired_test", "perplexity_ci",
-    "proportion_ci", "significant", "unpaired_test",
+    "proportion_ci", "significant", "summarize_metric", "unpaired_test",
 ]
 
 #: test id -> the name shown in tables and gate rows
@@ -46,6 +55,9 @@ PAIRED_TESTS = ("mcnemar_exact", "t", "wilcoxon")
 #: the paired test of a metric kind: one yes/no outcome per case, or a mean of per-case values
 DEFAULT_TEST = {"proportion": "mcnemar_exact", "mean": "t"}
 _BY_NAME = {shown: ident for ident, shown in TEST_IDS.items()}  # gate rows and report.py wrote these
+#: the interval of a metric summary, as the report names it
+T_METHOD = "Student t interval of the mean of per-case values"
+WILSON_METHOD = "Wilson score interval (one yes/no outcome per case)"
 
 
 def canonical_test(name: str | None) -> str | None:
@@ -172,6 +184,49 @@ def _wilcoxon(pre: list[float], post: list[float]) -> dict[str, Any]:
         return out | {"statistic": None, "p_value": 1.0, "note": "no case changed"}
     res = stats.wilcoxon(pre, post, zero_method="wilcox")
     return out | {"statistic": float(res.statistic), "p_value": _finite(res.pvalue)}
+
+
+# ----------------------------------------------------------------------------- a metric's summary
+
+
+def _scaled(summary: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    out = dict(summary)
+    for key in ("mean", "sd"):
+        if out.get(key) is not None:
+            out[key] = out[key] * scale
+    if out.get("ci") is not None:
+        out["ci"] = [c * scale for c in out["ci"]]
+    return out
+
+
+def summarize_metric(pre: Sequence[float | None], post: Sequence[float | None], *, kind: str = "mean",
+                     confidence: float = 0.95, scale: float = 1.0) -> dict[str, Any]:
+    """Pre and post summaries, the paired difference and test, for aligned per-case values.
+
+    ``kind``: "proportion" (values are 0/1: Wilson intervals, McNemar) or "mean"
+    (t intervals, paired t). Means and intervals are multiplied by ``scale``.
+    """
+    if len(pre) != len(post):
+        raise ValueError(f"pre has {len(pre)} values, post {len(post)}")
+    if kind not in ("proportion", "mean"):
+        raise ValueError(f"kind must be 'proportion' or 'mean', got {kind!r}")
+
+    def one(values: Sequence[float | None]) -> dict[str, Any]:
+        vals = [float(v) for v in values if v is not None]
+        if kind == "proportion":
+            return proportion_ci(sum(1 for v in vals if v >= 0.5), len(vals), confidence=confidence)
+        return mean_ci(vals, confidence=confidence)
+
+    pairs = [(float(a), float(b)) for a, b in zip(pre, post) if a is not None and b is not None]
+    diff = mean_ci([b - a for a, b in pairs], confidence=confidence)
+    test = paired_test([a for a, _ in pairs], [b for _, b in pairs], test=DEFAULT_TEST[kind])
+    return {
+        "kind": kind,
+        "pre": _scaled(one(pre), scale),
+        "post": _scaled(one(post), scale),
+        "difference": _scaled(diff, scale),
+        "test": test,
+    }
 
 
 # ----------------------------------------------------------------------------- unpaired

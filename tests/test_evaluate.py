@@ -3,6 +3,7 @@ configuration mismatches, intervals against scipy, case selection, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -15,8 +16,11 @@ from scipy import stats
 import neuraldb
 from evals import evaluate as ev
 from evals import report as rep
+from evals import scoring
 from evals import stats as ev_stats
 from evals.cases import EvalCase
+from evals.config import EvalConfig, resolve_config
+from evals.metrics.specs import METRICS
 from neuraldb import EditConfig, Fact, NeuralDB
 
 from conftest import tiny_model
@@ -68,7 +72,7 @@ def test_report_structure_and_json(edited):
     r = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, **FAST)
     assert set(r) == TOP_KEYS and r["schema"] == ev.SCHEMA
     json.dumps(r, allow_nan=False)  # strict JSON
-    assert list(r["metrics"]) == list(ev.METRICS["counterfact"])
+    assert list(r["metrics"]) == list(METRICS["counterfact"])
     eff = r["metrics"]["efficacy"]
     assert eff["kind"] == "proportion" and eff["pre"]["method"] == "wilson" and eff["unit"] == "%"
     assert eff["post"]["mean"] == 100.0 and eff["test"]["p_value"] is not None
@@ -112,7 +116,7 @@ def test_closed_gate_gives_identical_pre_and_post(edited, tmp_path):
 
 def test_resume_skips_finished_cases_and_matches_an_uninterrupted_run(edited, tmp_path, monkeypatch):
     model, tok, db = edited
-    real = ev.counterfact_scores
+    real = scoring.counterfact_scores
     seen: list[str] = []
     fail_on = {3}
 
@@ -122,7 +126,7 @@ def test_resume_skips_finished_cases_and_matches_an_uninterrupted_run(edited, tm
             raise KeyboardInterrupt("simulated kill")
         return real(cases=cases, **kw)
 
-    monkeypatch.setattr(ev, "counterfact_scores", counting)
+    monkeypatch.setattr(scoring, "counterfact_scores", counting)
     out = tmp_path / "run"
     kw = dict(tokenizer=tok, dataset=CASES, chunk_size=1, output_dir=out, **FAST)
     with pytest.raises(KeyboardInterrupt):  # chunk 1: pre+post done; chunk 2: pre raises
@@ -161,7 +165,7 @@ def test_cases_written_before_the_rename_resume_with_the_same_firing(edited, tmp
     def fail(**kw):
         raise AssertionError("a finished case was recomputed")
 
-    monkeypatch.setattr(ev, "counterfact_scores", fail)
+    monkeypatch.setattr(scoring, "counterfact_scores", fail)
     again = neuraldb.evaluate(model, db, **kw)
     assert again["firing"] == first["firing"] and again["firing"]["groups"]["edit"]["prompts"] == 3
     assert again["metrics"] == first["metrics"]
@@ -313,6 +317,58 @@ def test_general_tasks_through_a_fake_module(edited, tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="general_tasks needs evals.general"):
         neuraldb.evaluate(model, db, **{**kw, "output_dir": tmp_path / "other"})
     assert not (tmp_path / "other").exists()  # failed before any work
+
+
+def test_options_as_a_frozen_config_or_as_keywords(edited):
+    model, tok, db = edited
+    cfg = EvalConfig(metrics="efficacy, specificity", batch_size=2, limit=2, seed=1, confidence=0.9)
+    assert cfg.metrics == ("efficacy", "specificity") and cfg.chunk == 2 and cfg.general_tasks is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.limit = 3  # type: ignore[misc]
+    by_config = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, config=cfg, progress=False)
+    by_keywords = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, metrics=["efficacy", "specificity"],
+                                    batch_size=2, limit=2, seed=1, confidence=0.9, progress=False)
+    assert deterministic(by_config) == deterministic(by_keywords)
+    assert by_config["config"]["evaluate"] == by_keywords["config"]["evaluate"]
+    assert by_config["config"]["evaluate"]["metrics"] == ["efficacy", "specificity"]
+    overridden = neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, config=cfg, limit=1, progress=False)
+    assert overridden["dataset"]["n_cases"] == 1 and overridden["config"]["evaluate"]["confidence"] == 0.9
+    assert cfg.limit == 2  # the given config is not changed
+    with pytest.raises(TypeError, match=r"'bath_size' \(did you mean 'batch_size'\?\)"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, bath_size=2)
+    with pytest.raises(TypeError, match="config must be an EvalConfig"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, config={"limit": 2})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"confidence": 1.0}, r"confidence must lie in \(0, 1\), got 1.0"),
+    ({"confidence": "high"}, "confidence must be a number"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"chunk_size": 0}, "chunk_size must be >= 1 or None, got 0"),
+    ({"batch_size": 2.5}, "batch_size must be an integer, got 2.5"),
+    ({"limit": -1}, "limit must be >= 0 or None, got -1"),
+    ({"generation_tokens": -5}, "generation_tokens must be >= 0"),
+    ({"split": ""}, "split must be a split name"),
+    ({"only_stored": "yes"}, "only_stored must be True, False or None"),
+    ({"metrics": []}, "metrics names no metric"),
+    ({"metrics": ["eficacy"]}, r"unknown metric\(s\) \['eficacy'\] \(did you mean 'efficacy' for 'eficacy'\?\) in metrics"),
+    ({"consistency_files": 3}, "consistency_files must be a folder or a mapping"),
+])
+def test_config_errors_name_the_field_and_the_fix(options, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**options)
+
+
+def test_config_resolves_general_tasks_and_checks_them_now(monkeypatch):
+    from evals.tasks import SIX_TASKS
+
+    assert EvalConfig(general_tasks="all").general_tasks == SIX_TASKS
+    assert EvalConfig(general_tasks="sciq, all").general_tasks == (*SIX_TASKS,)
+    assert EvalConfig(general_tasks="").general_tasks is None and EvalConfig(general_tasks=[]).general_tasks is None
+    assert resolve_config(EvalConfig(general_tasks="all"), batch_size=4).general_tasks == SIX_TASKS
+    monkeypatch.setitem(sys.modules, "evals.general", None)
+    with pytest.raises(ModuleNotFoundError, match="general_tasks needs evals.general"):
+        EvalConfig(general_tasks=["sciq"])
 
 
 def test_tokenizer_resolved_from_a_model_directory(edited, tmp_path):

@@ -47,7 +47,7 @@ def test_counterfact_edits_work_and_neighbours_keep(cf_run):
 
 
 def test_counterfact_rerun_recomputes_nothing(cf_run, smollm2, shared_data, monkeypatch):
-    from evals import evaluate as ev
+    from evals import scoring
 
     r, out = cf_run
     model, _ = smollm2
@@ -56,7 +56,7 @@ def test_counterfact_rerun_recomputes_nothing(cf_run, smollm2, shared_data, monk
     def fail(**kw):
         raise AssertionError("a finished case was recomputed")
 
-    monkeypatch.setattr(ev, "counterfact_scores", fail)
+    monkeypatch.setattr(scoring, "counterfact_scores", fail)
     again = neuraldb.evaluate(model, db, dataset="counterfact", data_dir=shared_data,  # tokenizer from the alias
                               output_dir=out, generation_prompts=1, generation_tokens=20, progress=False)
     assert again["metrics"] == r["metrics"] and again["firing"] == r["firing"]

@@ -13,6 +13,7 @@ import yaml
 
 import neuraldb
 from evals import report as rep
+from evals.compare import compare_reports
 from evals import stats
 from evals.decision import GateError, decide
 from evals.gate import add_gate_arguments, run_gate
@@ -66,7 +67,7 @@ def synthetic_report(*, n=40, efficacy=(0, 38), generalization=(2, 30), specific
         post = (post_override or {}).get(name, post)
         for c, a, b in zip(cases, pre, post):
             c["pre"][name], c["post"][name] = a, b
-        metrics[name] = {"unit": "%", "scale": 100} | rep.summarize_metric(pre, post, kind="proportion", scale=100)
+        metrics[name] = {"unit": "%", "scale": 100} | stats.summarize_metric(pre, post, kind="proportion", scale=100)
     return {"schema": "neuraldb.evaluate/1", "metrics": metrics, "cases": cases,
             "dataset": {"name": "<cases>", "kind": "counterfact", "n_cases": n}, "model": {"name": model},
             "store": {"facts": n, "gamma": 0.65, "layer": 1}, "config": {"evaluate": {"confidence": 0.95}},
@@ -200,7 +201,7 @@ def test_a_report_written_before_the_rename_reads_and_decides_the_same(tmp_path)
     assert "firing" not in old and rep.firing_section(old) == rep.firing_section(new) == new["firing"]
     assert rep.render_markdown(old) == rep.render_markdown(new) and "## Gate firing" in rep.render_markdown(old)
     assert rep.render_text(old) == rep.render_text(new)
-    assert rep.compare_reports(old, new)["firing"] == rep.compare_reports(new, new)["firing"] != {}
+    assert compare_reports(old, new)["firing"] == compare_reports(new, new)["firing"] != {}
     decided = decide(new, policy())
     assert decide(old, policy()) == decided
     assert decided["data"]["firing_groups"] == {"edit": {"fire_rate": 0.2, "prompt_fire_rate": 1.0}}

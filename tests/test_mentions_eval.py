@@ -9,10 +9,10 @@ import logging
 import pytest
 
 import neuraldb
-from evals import evaluate as ev
 from evals import report as rep
 from evals.cases import EvalCase
 from evals.metrics import mentions as mm
+from evals.metrics.specs import select_metrics
 from neuraldb import EditConfig, Fact
 
 from conftest import tiny_model
@@ -143,10 +143,10 @@ def test_evaluate_report_round_trip(edited, tmp_path):
 
 
 def test_mentions_is_opt_in_and_counterfact_only(edited):
-    assert "mentions" not in ev._select_metrics("counterfact", None)
-    assert ev._select_metrics("counterfact", "mentions efficacy") == ["efficacy", "mentions"]
+    assert "mentions" not in select_metrics("counterfact", None)
+    assert select_metrics("counterfact", "mentions efficacy") == ["efficacy", "mentions"]
     with pytest.raises(ValueError, match="unknown zsre"):
-        ev._select_metrics("zsre", ["mentions"])
+        select_metrics("zsre", ["mentions"])
     import argparse
 
     from evals import cli

@@ -34,9 +34,9 @@ def test_every_name_maps_to_one_id_and_one_display_name():
 
 
 def test_reports_store_the_ids():
-    m = rep.summarize_metric([0, 0, 1, 1], [1, 1, 1, 0], kind="proportion")
+    m = stats.summarize_metric([0, 0, 1, 1], [1, 1, 1, 0], kind="proportion")
     assert m["test"]["name"] == "mcnemar_exact"
-    assert rep.summarize_metric([0.1, 0.2, 0.4], [0.3, 0.2, 0.9], kind="mean")["test"]["name"] == "t"
+    assert stats.summarize_metric([0.1, 0.2, 0.4], [0.3, 0.2, 0.9], kind="mean")["test"]["name"] == "t"
     with pytest.raises(ValueError, match="unknown paired test"):
         stats.paired_test([1], [0], test="sign")
 

@@ -56,7 +56,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .tokens import call_model, eval_mode, model_device, pad_id, score_targets
+from neuraldb.keys import pad_batch
+
+from .tokens import call_model, eval_mode, longest_first, model_device, pad_id, score_targets
 
 __all__ = ["INTERVALS", "KINDS", "MID_PREFIX", "MentionVariant", "mention_gate", "mention_scores", "mention_variants",
            "subject_last_token", "summarize_mentions"]
@@ -227,16 +229,9 @@ def mention_gate(*, model: Any, tokenizer: Any, db: Any, cases: Sequence[Any], b
                     continue
                 items.append((k, kind, j, ids, last, row_of.get(case.fact.id, -2)))
     device, pad = model_device(model), pad_id(tokenizer)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][3]))
     with eval_mode(model):
-        for begin in range(0, len(order), batch_size):
-            idx = order[begin:begin + batch_size]
-            width = max(len(items[i][3]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T) right padded
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for b, i in enumerate(idx):
-                ids[b, : len(items[i][3])] = torch.tensor(items[i][3])
-                mask[b, : len(items[i][3])] = 1
+        for idx in longest_first([len(item[3]) for item in items], batch_size):
+            ids, mask = pad_batch([items[i][3] for i in idx], pad, torch.device("cpu"))  # (B, T) right padded
             db.last_fire_mask = db.last_fire_index = None
             call_model(model, ids.to(device), mask.to(device), use_cache=False)
             if db.last_fire_mask is None:  # an empty store routes nothing
@@ -254,13 +249,9 @@ def mention_gate(*, model: Any, tokenizer: Any, db: Any, cases: Sequence[Any], b
 
 def _helpers() -> tuple[Any, Any]:
     """``summarize_metric`` (what ``evaluate`` uses for every metric) and the Wilson ``proportion_ci``."""
-    from evals import report
+    from evals.stats import proportion_ci, summarize_metric
 
-    try:
-        from evals.stats import proportion_ci
-    except ImportError:  # before the statistics moved out of evals.report
-        proportion_ci = report.proportion_ci
-    return report.summarize_metric, proportion_ci
+    return summarize_metric, proportion_ci
 
 
 def _percent(summary: Mapping[str, Any]) -> dict[str, Any]:

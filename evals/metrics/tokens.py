@@ -35,7 +35,8 @@ import torch
 
 from neuraldb import encode_completion
 
-__all__ = ["TargetScore", "call_model", "eval_mode", "logits_of", "model_device", "pad_id", "score_targets"]
+__all__ = ["TargetScore", "call_model", "eval_mode", "logits_of", "longest_first", "model_device", "pad_id",
+           "score_targets"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,13 @@ def pad_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0  # masked out, any id will do
+
+
+def longest_first(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices into ``lengths`` in batches of ``batch_size``, the longest sequences first (less padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
 
 
 def score_targets(*, model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]],
