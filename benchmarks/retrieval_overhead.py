@@ -131,7 +131,7 @@ def main() -> None:
                     model(**enc)
                 fired = db.last_fire_mask.reshape(-1).cpu() if n else torch.zeros(0, dtype=torch.bool)
                 fires = db.stats()["fires"]
-            screen = db._dev.get("screen")
+            screen = db.screen
             rechecked = f"{screen.rechecked / max(1, screen.screened):9.1%}" if screen is not None else f"{'-':>9}"
             same = torch.equal(fired, want) if n else True
             print(f"{n:>8} | {mode:>8} | {1000 * ms:9.1f} | {ms / base:10.2f} | {fires:5d} | {str(same):>14} | "

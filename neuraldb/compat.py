@@ -3,6 +3,7 @@
 Example::
 
     fingerprint = layer_fingerprint(model, "model.layers.10.mlp.down_proj")   # saved with the store
+    key_module(db, model)                # "model.layers.10.mlp.down_proj": what db.module_name(model) says
     check_compatible(db, model)          # what NeuralDB.load(path, model=model) and db.attach(model) run
 
 Keys and residuals only mean something on the model (and layer) they were computed on: a
@@ -18,9 +19,39 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch import resolve_arch
 from .nethook import get_module
 
-__all__ = ["check_compatible", "layer_fingerprint", "model_name"]
+__all__ = ["check_compatible", "check_layer", "key_module", "layer_fingerprint", "model_name", "residual_module"]
+
+
+def key_module(db: Any, model: nn.Module | None = None, *, error: type[ValueError] = ValueError) -> str:
+    """The module whose input is ``db``'s key (the MLP output projection at its layer): from the
+    store's module template, else from ``model``'s architecture (``error`` without either)."""
+    if db.module_template:
+        return db.module_template.format(db.layer)
+    if model is None:
+        raise error("this store has no module template; attach it to a model first")
+    return resolve_arch(model).mlp_out_at(db.layer)
+
+
+def residual_module(db: Any, model: nn.Module | None = None) -> str:
+    """The module whose output receives ``db``'s residual (usually the key's module)."""
+    if db.residual_template:
+        return db.residual_template.format(db.layer)
+    if model is None:
+        return db.module_name(model)
+    return resolve_arch(model).residual_out_at(db.layer)
+
+
+def check_layer(db: Any, layer: int, *, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` unless ``layer`` is the layer ``db``'s keys and residuals were computed at."""
+    if int(layer) != db.layer:
+        raise error(
+            f"this store was built for layer {db.layer}, not layer {layer}: keys and residuals are "
+            f"specific to the layer they were computed at; attach it at layer {db.layer} or re-edit "
+            f"the facts with EditConfig(layer={layer})"
+        )
 
 
 def layer_fingerprint(model: nn.Module, module_name: str) -> str:
@@ -37,9 +68,13 @@ def model_name(model: nn.Module) -> str:
     return str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__)
 
 
-def check_compatible(db: Any, model: nn.Module, *, error: type[ValueError] = ValueError) -> None:
-    """Raise ``error`` unless ``db`` (a store) was built for ``model``: its key module exists,
-    has the store's key width, and its weights have the store's fingerprint (when it has one)."""
+def check_compatible(db: Any, model: nn.Module, *, layer: int | None = None,
+                     error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` unless ``db`` (a store) was built for ``model`` (and ``layer``, when given):
+    its key module exists, has the store's key width, and its weights have the store's
+    fingerprint (when it has one)."""
+    if layer is not None:
+        check_layer(db, layer, error=error)
     name = db.module_name(model)
     try:
         module = get_module(model, name)

@@ -23,7 +23,8 @@ queries) and edits its output. Per position (batch, seq):
    with the tokens the previous call ended on when this call continues it (a
    generation step);
 4. the retrieved residual added where all of it passes, the output left bit for bit
-   where it does not; firing counters updated on the device (no host sync).
+   where it does not; the store's firing counters (:class:`Firing`, ``db.firing``) updated
+   on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from .nethook import Trace, cache_of
 from .words import UNKNOWN, token_windows
 
-__all__ = ["Reader", "StoreHook", "attached_reader", "call_inputs", "detached", "valid_positions"]
+__all__ = ["Firing", "Reader", "StoreHook", "attached_reader", "call_inputs", "detached", "valid_positions"]
 
 log = logging.getLogger(__name__)
 ATTRIBUTE = "_neuraldb_store"  # the reader attached to a model, on the model itself
@@ -144,6 +145,37 @@ def valid_positions(kwargs: dict[str, Any], mask: Any, batch: int, seq: int, dev
     return (pos > 0).unsqueeze(0).expand(batch, seq)
 
 
+class Firing:
+    """A store's firing counters since the last reset: gated positions, fires, fires per fact
+    (``per_fact`` (N,)), and the last call's ``last_mask`` / ``last_index`` (batch, seq; -1 where
+    shut). The counters stay on the device they were counted on: no host sync in the hook's hot path.
+    """
+
+    def __init__(self, facts: int = 0) -> None:
+        self.reset(facts)
+
+    def reset(self, facts: int) -> None:
+        """Zero every counter, for a store of ``facts`` facts."""
+        self.positions = torch.zeros((), dtype=torch.long)
+        self.fires = torch.zeros((), dtype=torch.long)
+        self.per_fact = torch.zeros(facts, dtype=torch.long)
+        self.last_mask: torch.Tensor | None = None
+        self.last_index: torch.Tensor | None = None
+
+    def record(self, valid: torch.Tensor, fire: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> None:
+        """Count one call's gated positions and fires (each (batch*seq,)); keep its masks."""
+        self.positions = self.positions.to(fire.device) + valid.sum()
+        self.fires = self.fires.to(fire.device) + fire.sum()
+        self.per_fact = self.per_fact.to(fire.device).index_add_(0, index.clamp_min(0), fire.long())
+        self.last_mask = fire.reshape(batch, seq)
+        self.last_index = torch.where(fire, index, torch.full_like(index, -1)).reshape(batch, seq)
+
+    def stats(self) -> dict[str, Any]:
+        """Gated positions, fires and their rate since the last reset (reads the counters to the host)."""
+        positions, fires = int(self.positions), int(self.fires)
+        return {"positions": positions, "fires": fires, "rate": fires / positions if positions else 0.0}
+
+
 class StoreHook:
     """The hooks of one attachment of ``db`` to ``model``; :meth:`close` removes them all.
 
@@ -173,7 +205,28 @@ class StoreHook:
             self.close()
             raise
 
+    @classmethod
+    def attach(cls, db: Any, model: nn.Module, *, layer: int | None = None, check: bool = True,
+               error: type[ValueError] = ValueError) -> "StoreHook":
+        """``db``'s hooks on ``model``, marked as its reader (what ``db.attach(model)`` does): ``error``
+        while another reader is attached there, or with ``check`` unless ``db`` was built for it."""
+        other = attached_reader(model)
+        if other is not None:
+            raise error(f"another store is attached to this model ({other!r}); detach it first")
+        if check:
+            db.check_compatible(model, layer=layer)
+        hook = cls(db, model)
+        mark_attached(model, db)
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks and the model's mark (what ``db.detach()`` does): the original model again."""
+        self.close()
+        if attached_reader(self.model) is self.db:
+            mark_attached(self.model, None)
+
     def close(self) -> None:
+        """Remove the hooks (the model's mark stays: see :meth:`detach`)."""
         traces, self._traces = self._traces, []
         for t in reversed(traces):
             t.close()
@@ -203,7 +256,7 @@ class StoreHook:
             gated = gated & db.word_ok(at, windows.reshape(batch * seq, -1)[rows])
         fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
         index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
-        db.record_firing(valid, fire, index, batch, seq)
+        db.firing.record(valid, fire, index, batch, seq)
         self._pending = (fire, index)
 
     def _windows(self, kwargs: dict[str, Any], ids: Any, mask: Any, batch: int, seq: int,

@@ -37,7 +37,7 @@ from .keys import model_device, pad_batch, pad_id
 from .nethook import layer_input
 from .words import mention_positions
 
-__all__ = ["UnreachableFactError", "find_unreached", "REASONS"]
+__all__ = ["UnreachableFactError", "find_unreached", "unreachable", "REASONS"]
 
 log = logging.getLogger(__name__)
 REASONS = ("subject_at_sink", "no_word_match", "gate_shut")
@@ -119,3 +119,15 @@ def find_unreached(model: nn.Module, tokenizer: Any, db: Any, facts: Sequence[Fa
         if f.subject not in subjects:
             found.setdefault(f.id, []).append(_reason(tokenizer, db, f, text, row, cos))
     return found
+
+
+def unreachable(db: Any) -> dict[str, list[dict[str, str]]]:
+    """``{fact_id: [{"text", "reason"}, ...]}``: the facts of ``db`` whose own prompt or paraphrases
+    could not fire them when they were edited, as :func:`find_unreached` recorded them (what
+    ``db.unreachable()`` returns)."""
+    out = {}
+    for fid in db.ids:
+        texts = (db.facts.get(fid, {}).get("edit") or {}).get("unreached")
+        if texts:
+            out[fid] = list(texts)
+    return out

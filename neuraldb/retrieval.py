@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["unit_rows", "top1", "max_cosines", "LowRankScreen", "SCREEN_MARGIN"]
+from .words import NO_WORD, word_match
+
+__all__ = ["unit_rows", "top1", "max_cosines", "LowRankScreen", "DeviceIndex", "SCREEN_MARGIN"]
 
 SCREEN_MARGIN = 0.02
 _LOWER = 2.0**-8  # > half a bfloat16 ulp on [-1, 1]: rounding level - _LOWER stays below level
@@ -194,3 +196,78 @@ def max_cosines(keys: torch.Tensor, queries: torch.Tensor, *, chunk_size: int = 
             m = torch.maximum(m, (k @ q[qs : qs + chunk_size].T).max(dim=1).values)
         best[start : start + k.shape[0]] = m
     return best
+
+
+class DeviceIndex:
+    """A store's tensors on one device, as its gate reads them: unit keys, residuals, per-key gate
+    thresholds, word forms and the word-start table, built from the store's CPU tensors at first use
+    and dropped by the store on every change (with the screen built from them).
+
+    Example::
+
+        dev = DeviceIndex(db.keys, db.residuals, db.gate_thresholds(), db.words, db.word_starts, device="cuda")
+        fire, index, scores = dev.gate(queries, chunk_size=16384)     # what db.gate(queries) does
+
+    The store's retrieval settings (``chunk_size``, ``screen_rank``, ``screen_min_keys``) are
+    passed with each call, so changing them on the store takes effect at once.
+    """
+
+    def __init__(self, keys: torch.Tensor, residuals: torch.Tensor, gate_thresholds: torch.Tensor,
+                 words: torch.Tensor, word_starts: torch.Tensor, *, device: torch.device | str) -> None:
+        self.keys = unit_rows(keys.to(device))  # (N, d_key)
+        self.device = self.keys.device
+        self.residuals = residuals.to(device)  # (N, d_model)
+        self.gate_thresholds = gate_thresholds.to(device)  # (N,) max(gamma, thresholds)
+        self.words = words.to(device)  # (N, F, width)
+        self.word_starts = word_starts.to(device)  # (vocab,)
+        self.checks_words = bool((words[:, 0] != NO_WORD).any())  # host flag, read once per change
+        self.screen: LowRankScreen | None = None  # built by the first screened batch
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @torch.no_grad()
+    def retrieve(self, queries: torch.Tensor, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-1 cosine ``(scores, index)`` of query rows (M, d_key); -inf / -1 without keys."""
+        q = unit_rows(queries.reshape(-1, self.keys.shape[1]))  # (M, d_key)
+        if len(self) == 0:
+            return (torch.full((q.shape[0],), float("-inf"), device=q.device),
+                    torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device))
+        return top1(q, self.keys, chunk_size=chunk_size)
+
+    @torch.no_grad()
+    def gate(self, queries: torch.Tensor, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(fire, index, scores)``: :meth:`retrieve`'s exact top-1 and ``fire = scores > gate_thresholds[index]``.
+
+        Positions are not masked here (the hook also skips the sink position and padding), and
+        the word check, which needs the tokens, is the hook's (:meth:`word_ok`).
+        """
+        scores, index = self.retrieve(queries, chunk_size=chunk_size)
+        if len(self) == 0:
+            return torch.zeros_like(scores, dtype=torch.bool), index, scores
+        return scores > self.gate_thresholds[index], index, scores
+
+    @torch.no_grad()
+    def fire(self, queries: torch.Tensor, *, rank: int, min_keys: int,
+             chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`gate`'s ``(fire, index)``, through :meth:`screened_gate` from ``min_keys`` keys on
+        (``rank`` 0 or at least the key width: always brute force)."""
+        if rank and len(self) >= min_keys and rank < self.keys.shape[1]:
+            return self.screened_gate(queries, rank=rank, chunk_size=chunk_size)
+        fire, index, _ = self.gate(queries, chunk_size=chunk_size)
+        return fire, index
+
+    @torch.no_grad()
+    def screened_gate(self, queries: torch.Tensor, *, rank: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`gate`'s fire and fired index for query rows (M, d_key), through the :class:`LowRankScreen`
+        (built once, from the keys and this first batch)."""
+        q = unit_rows(queries)  # (M, d_key)
+        if self.screen is None:
+            sample = q[:: max(1, q.shape[0] // 4096)]
+            self.screen = LowRankScreen.build(self.keys, sample=sample, rank=rank, chunk_size=chunk_size)
+        return self.screen.gate(q, self.keys, self.gate_thresholds)
+
+    def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(M,) bool: the word check (:func:`neuraldb.words.word_match`) for retrieved rows ``index`` (M,)
+        at token ``windows`` (M, width); True for facts without a word."""
+        return word_match(self.words[index.clamp_min(0)], windows, self.word_starts)

@@ -19,17 +19,13 @@ position spell that subject (:mod:`neuraldb.words`). Where the gate stays shut t
 output tensor is the original one, bit for bit.
 
 Per-key thresholds (``thresholds``, -inf = the global ``gamma`` alone) raise the
-gate of keys that resemble generic text: :meth:`NeuralDB.calibrate` sets
-``thresholds[i] = max cos(q, k_i) + margin`` over calibration queries (e.g. the
-activations of unrelated text), so key ``i`` can no longer fire on any of them.
-Each key's threshold depends on that key alone, so adding, removing or updating
-one fact never changes another fact's gate. Without calibration the gate is
-exactly the paper's.
+gate of keys that resemble generic text (:meth:`NeuralDB.calibrate`). Each depends
+on its key alone, so adding, removing or updating one fact never changes another
+fact's gate. Without calibration the gate is exactly the paper's.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,35 +34,24 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .arch import resolve_arch
-from .compat import check_compatible, layer_fingerprint, model_name
+from .compat import check_compatible, check_layer, key_module, layer_fingerprint, model_name, residual_module
 from .config import check_gamma
-from .hook import StoreHook, attached_reader, mark_attached
-from .retrieval import LowRankScreen, max_cosines, top1, unit_rows
-from .words import NO_FORM, NO_WORD, WORD_WIDTH, word_match
+from .hook import Firing, StoreHook
+from .reach import unreachable
+from .retrieval import DeviceIndex, LowRankScreen, max_cosines
+from .rows import check_rows, check_thresholds, check_words
+from .words import NO_WORD, WORD_WIDTH, same_forms
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "model_name"]
-
-log = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
     """A store that cannot be used as asked: wrong model or layer, corrupt file, bad input."""
 
 
-def _same_forms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` (N, F, width) and ``b`` (n, G, width) with as many forms each: the one with fewer
-    gets ``NO_FORM`` rows (forms that match nothing)."""
-    forms = max(a.shape[1], b.shape[1])
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        if t.shape[1] == forms:
-            return t
-        extra = torch.full((t.shape[0], forms - t.shape[1], t.shape[2]), NO_WORD, dtype=t.dtype)
-        extra[:, :, -1] = NO_FORM
-        return torch.cat([t, extra], dim=1)
-
-    return pad(a), pad(b)
+def _firing(name: str, doc: str) -> property:
+    """A store attribute that lives on its :class:`~neuraldb.hook.Firing` (read and set)."""
+    return property(lambda db: getattr(db.firing, name), lambda db, value: setattr(db.firing, name, value), doc=doc)
 
 
 class NeuralDB:
@@ -85,23 +70,10 @@ class NeuralDB:
     its cost. :meth:`gate` and :meth:`retrieve` are always brute force.
     """
 
-    def __init__(
-        self,
-        *,
-        layer: int,
-        d_key: int,
-        d_model: int,
-        gamma: float = 0.65,
-        module_template: str | None = None,
-        residual_template: str | None = None,
-        model_name: str = "",
-        model_type: str = "",
-        fingerprint: str = "",
-        config: Mapping[str, Any] | None = None,
-        chunk_size: int = 16384,
-        screen_rank: int | None = None,
-        screen_min_keys: int = 4096,
-    ) -> None:
+    def __init__(self, *, layer: int, d_key: int, d_model: int, gamma: float = 0.65,
+                 module_template: str | None = None, residual_template: str | None = None, model_name: str = "",
+                 model_type: str = "", fingerprint: str = "", config: Mapping[str, Any] | None = None,
+                 chunk_size: int = 16384, screen_rank: int | None = None, screen_min_keys: int = 4096) -> None:
         gamma = check_gamma(gamma, where="gamma", error=StoreError)
         self.layer = int(layer)
         self.d_key = int(d_key)
@@ -125,10 +97,10 @@ class NeuralDB:
         self.ids: list[str] = []
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
-        self._dev: dict[str, torch.Tensor] = {}
+        self._device: DeviceIndex | None = None  # the tensors on the gate's device, built at first use
         self._version = 0  # bumped by every change of keys, residuals or thresholds (readers cache on it)
         self._hook: StoreHook | None = None  # the hooks while attached
-        self.reset_stats()
+        self.firing = Firing(len(self.ids))  # the hook's counters: db.stats(), db.last_fire_mask, ...
 
     @property
     def gamma(self) -> float:
@@ -138,7 +110,7 @@ class NeuralDB:
     @gamma.setter
     def gamma(self, value: float) -> None:
         self._gamma = check_gamma(value, where="gamma", error=StoreError)
-        self._dev = {}
+        self._device = None
 
     # ----------------------------------------------------------------- contents
     def __len__(self) -> int:
@@ -153,29 +125,9 @@ class NeuralDB:
             f"d_model={self.d_model}, model={self.model_name!r})"
         )
 
-    def _check_rows(self, keys: torch.Tensor, residuals: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = torch.as_tensor(keys).detach().to("cpu", torch.float32)
-        residuals = torch.as_tensor(residuals).detach().to("cpu", torch.float32)
-        if keys.shape != (n, self.d_key):
-            raise StoreError(f"keys must have shape ({n}, {self.d_key}), got {tuple(keys.shape)}")
-        if residuals.shape != (n, self.d_model):
-            raise StoreError(f"residuals must have shape ({n}, {self.d_model}), got {tuple(residuals.shape)}")
-        if not (torch.isfinite(keys).all() and torch.isfinite(residuals).all()):
-            raise StoreError("keys and residuals must be finite (found NaN or inf)")
-        if (keys.norm(dim=1) == 0).any():
-            raise StoreError("a key is the zero vector: its cosine similarity is undefined")
-        return keys, residuals
-
-    def add(
-        self,
-        ids: Sequence[str],
-        keys: torch.Tensor,
-        residuals: torch.Tensor,
-        *,
-        facts: Sequence[Mapping[str, Any]] | None = None,
-        thresholds: torch.Tensor | Sequence[float] | None = None,
-        words: torch.Tensor | None = None,
-    ) -> None:
+    def add(self, ids: Sequence[str], keys: torch.Tensor, residuals: torch.Tensor, *,
+            facts: Sequence[Mapping[str, Any]] | None = None, thresholds: torch.Tensor | Sequence[float] | None = None,
+            words: torch.Tensor | None = None) -> None:
         """Append facts. An id already in the store is an error (use :meth:`update`).
 
         ``thresholds`` (n,) are per-key gate thresholds (see :meth:`calibrate`); None = -inf.
@@ -183,9 +135,10 @@ class NeuralDB:
         (:func:`neuraldb.words.subject_words`); None = no word check for these facts.
         """
         ids = [str(i) for i in ids]
-        keys, residuals = self._check_rows(keys, residuals, len(ids))
-        thresholds = self._check_thresholds(thresholds, len(ids))
-        words = self._check_words(words, len(ids))
+        keys, residuals = check_rows(keys, residuals, len(ids), d_key=self.d_key, d_model=self.d_model,
+                                     error=StoreError)
+        thresholds = check_thresholds(thresholds, len(ids), error=StoreError)
+        words = check_words(words, len(ids), self.words.shape[2], error=StoreError)
         dup = [i for i in ids if i in self._index]
         if dup or len(set(ids)) != len(ids):
             raise StoreError(f"fact id(s) already present or repeated: {dup[:5] or ids}; use update() to replace")
@@ -195,7 +148,7 @@ class NeuralDB:
         self.keys = torch.cat([self.keys, keys])
         self.residuals = torch.cat([self.residuals, residuals])
         self.thresholds = torch.cat([self.thresholds, thresholds])
-        self.words = torch.cat(_same_forms(self.words, words))
+        self.words = torch.cat(same_forms(self.words, words))
         for j, fid in enumerate(ids):
             self._index[fid] = start + j
             self.ids.append(fid)
@@ -241,16 +194,9 @@ class NeuralDB:
         self._index = {fid: r for r, fid in enumerate(self.ids)}
         self._changed()
 
-    def update(
-        self,
-        fact_id: str,
-        *,
-        key: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-        fact: Mapping[str, Any] | None = None,
-        threshold: float | None = None,
-        words: torch.Tensor | None = None,
-    ) -> None:
+    def update(self, fact_id: str, *, key: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               fact: Mapping[str, Any] | None = None, threshold: float | None = None,
+               words: torch.Tensor | None = None) -> None:
         """Replace one fact's key, residual, per-key threshold and/or word (2, width) in place.
 
         A new key without a new ``threshold`` resets the fact's threshold to -inf (the
@@ -261,42 +207,22 @@ class NeuralDB:
         r = self._index[fact_id]
         k = self.keys[r : r + 1] if key is None else torch.as_tensor(key).reshape(1, -1)
         v = self.residuals[r : r + 1] if residual is None else torch.as_tensor(residual).reshape(1, -1)
-        k, v = self._check_rows(k, v, 1)
-        w = None if words is None else self._check_words(torch.as_tensor(words).reshape(1, -1, self.words.shape[2]), 1)
+        k, v = check_rows(k, v, 1, d_key=self.d_key, d_model=self.d_model, error=StoreError)
+        width = self.words.shape[2]
+        w = None if words is None else check_words(torch.as_tensor(words).reshape(1, -1, width), 1, width,
+                                                   error=StoreError)
         if threshold is not None:
-            self.thresholds[r] = self._check_thresholds([threshold], 1)[0]
+            self.thresholds[r] = check_thresholds([threshold], 1, error=StoreError)[0]
         elif key is not None:
             self.thresholds[r] = float("-inf")
         self.keys[r] = k[0]
         self.residuals[r] = v[0]
         if w is not None:
-            self.words, w = _same_forms(self.words, w)
+            self.words, w = same_forms(self.words, w)
             self.words[r] = w[0]
         if fact is not None:
             self.facts[fact_id] = dict(fact)
         self._changed()
-
-    def _check_thresholds(self, thresholds: Any, n: int) -> torch.Tensor:
-        if thresholds is None:
-            return torch.full((n,), float("-inf"))
-        t = torch.as_tensor(thresholds, dtype=torch.float32).detach().to("cpu").reshape(-1)
-        if t.shape != (n,):
-            raise StoreError(f"thresholds must have shape ({n},), got {tuple(t.shape)}")
-        if torch.isnan(t).any() or (t == float("inf")).any():
-            raise StoreError("thresholds must be numbers or -inf (found NaN or +inf)")
-        return t.clone()
-
-    def _check_words(self, words: Any, n: int) -> torch.Tensor:
-        width = self.words.shape[2]
-        if words is None:
-            return torch.full((n, 1, width), NO_WORD, dtype=torch.long)
-        w = torch.as_tensor(words).detach().to("cpu")
-        if w.dtype.is_floating_point or w.dim() != 3 or w.shape[0] != n or w.shape[1] < 1 or w.shape[2] != width:
-            raise StoreError(
-                f"words must be integer token ids of shape ({n}, forms, {width}), got {w.dtype} {tuple(w.shape)}: "
-                "build them with neuraldb.words.subject_words(tokenizer, subjects)"
-            )
-        return w.long().clone()
 
     def clear_words(self) -> None:
         """Switch the word check off for every fact (the paper's gate on the same keys and residuals)."""
@@ -305,13 +231,8 @@ class NeuralDB:
 
     def unreachable(self) -> dict[str, list[dict[str, str]]]:
         """``{fact_id: [{"text", "reason"}, ...]}``: the facts whose own prompt or paraphrases could
-        not fire them when they were edited (``neuraldb.edit``'s self-check, :mod:`neuraldb.reach`)."""
-        out = {}
-        for fid in self.ids:
-            texts = (self.facts.get(fid, {}).get("edit") or {}).get("unreached")
-            if texts:
-                out[fid] = list(texts)
-        return out
+        not fire them when they were edited (``neuraldb.edit``'s self-check, :func:`neuraldb.reach.unreachable`)."""
+        return unreachable(self)
 
     @property
     def word_starts(self) -> torch.Tensor:
@@ -328,26 +249,9 @@ class NeuralDB:
         """(N,) bool: the facts whose gate also checks their subject's tokens."""
         return (self.words[:, 0] != NO_WORD).any(dim=1)
 
-    def checks_words(self, device: torch.device) -> bool:
-        """Whether any fact is word-checked (a host flag cached with the device tensors)."""
-        self.device_tensors(device)
-        return bool(self._dev["checks"])
-
-    def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """(M,) bool: the word check for retrieved rows ``index`` (M,) at token ``windows``
-        (M, width) (:func:`neuraldb.words.token_windows`); True for facts without a word."""
-        self.device_tensors(windows.device)
-        return word_match(self._dev["words"][index.clamp_min(0)], windows, self._dev["starts"])
-
     @torch.no_grad()
-    def calibrate(
-        self,
-        queries: torch.Tensor,
-        *,
-        margin: float = 0.05,
-        ids: Sequence[str] | None = None,
-        chunk_size: int = 8192,
-    ) -> torch.Tensor:
+    def calibrate(self, queries: torch.Tensor, *, margin: float = 0.05, ids: Sequence[str] | None = None,
+                  chunk_size: int = 8192) -> torch.Tensor:
         """Per-key thresholds from calibration queries (activations of text no fact is about).
 
         ``thresholds[i] = max_q cos(q, k_i) + margin`` for the facts ``ids`` (default: all),
@@ -381,153 +285,100 @@ class NeuralDB:
 
     def _changed(self, keep_stats: bool = False) -> None:
         self._version += 1
-        self._dev.clear()
+        self._device = None
         if not keep_stats:
-            self.fires_per_fact = torch.zeros(len(self.ids), dtype=torch.long)
+            self.firing.per_fact = torch.zeros(len(self.ids), dtype=torch.long)
 
     # ---------------------------------------------------------------- retrieval
+    def device_index(self, device: torch.device) -> DeviceIndex:
+        """The store's tensors on ``device`` (:class:`~neuraldb.retrieval.DeviceIndex`), cached until it changes."""
+        if self._device is None or self._device.device != device:
+            self._device = DeviceIndex(self.keys, self.residuals, self.gate_thresholds(), self.words,
+                                       self.word_starts, device=device)
+        return self._device
+
     def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit keys (N, d_key), residuals (N, d_model)) on ``device``, cached until the store changes."""
-        if self._dev.get("device") is None or self._dev["device"].device != device:  # type: ignore[union-attr]
-            self._dev = {
-                "device": torch.empty(0, device=device),
-                "keys": unit_rows(self.keys.to(device)),  # (N, d_key)
-                "residuals": self.residuals.to(device),
-                "gate": self.gate_thresholds().to(device),  # (N,) max(gamma, thresholds)
-                "words": self.words.to(device),  # (N, F, width)
-                "starts": self.word_starts.to(device),  # (vocab,)
-                "checks": torch.tensor(bool(self.word_checked.any())),  # host flag, read once per change
-            }
-        return self._dev["keys"], self._dev["residuals"]
+        index = self.device_index(device)
+        return index.keys, index.residuals
 
-    @torch.no_grad()
+    @property
+    def screen(self) -> LowRankScreen | None:
+        """The hook's low-rank screen since the last change (None until a large store's first call)."""
+        return self._device.screen if self._device is not None else None
+
     def gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The gate's decision for query rows (M, d_key): ``(fire, index, scores)``.
+        """The gate's decision ``(fire, index, scores)`` for query rows (M, d_key): :meth:`retrieve`'s
+        exact top-1 and ``scores > max(gamma, thresholds[index])`` (:meth:`DeviceIndex.gate
+        <neuraldb.retrieval.DeviceIndex.gate>`: no position mask, no word check)."""
+        return self.device_index(queries.device).gate(queries, chunk_size=self.chunk_size)
 
-        ``index``/``scores`` are :meth:`retrieve`'s exact top-1; ``fire`` (M,) bool is
-        ``scores > max(gamma, thresholds[index])``. Positions are not masked here (the
-        hook also skips the sink position and padding), and the word check, which needs
-        the tokens, is the hook's (or :meth:`word_ok`'s).
-        """
-        scores, index = self.retrieve(queries)
-        if len(self) == 0:
-            return torch.zeros_like(scores, dtype=torch.bool), index, scores
-        self.device_tensors(scores.device)
-        return scores > self._dev["gate"][index], index, scores
-
-    @torch.no_grad()
     def retrieve(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-1 cosine: ``(scores, index)`` per query row, chunked over the keys.
+        """Exact top-1 cosine ``(scores, index)`` per query row (M, d_key), chunked over the keys:
+        (M,) float32 and (M,) long, -inf and -1 for an empty store."""
+        return self.device_index(queries.device).retrieve(queries, chunk_size=self.chunk_size)
 
-        ``queries`` is (M, d_key); scores is (M,) float32 (-inf for an empty store),
-        index (M,) long (-1 for an empty store).
-        """
-        q = unit_rows(queries.reshape(-1, self.d_key))  # (M, d_key)
-        if len(self) == 0:
-            return (torch.full((q.shape[0],), float("-inf"), device=q.device),
-                    torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device))
-        keys, _ = self.device_tensors(q.device)
-        return top1(q, keys, chunk_size=self.chunk_size)
-
-    @torch.no_grad()
     def fire(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The hook's gate: :meth:`gate`'s ``(fire, index)`` for query rows (M, d_key), computed
         through the exact low-rank screen for stores of ``screen_min_keys`` keys or more."""
-        if self.screen_rank and len(self) >= self.screen_min_keys and self.screen_rank < self.d_key:
-            return self._screened_gate(queries)
-        fire, index, _ = self.gate(queries)
-        return fire, index
+        return self.device_index(queries.device).fire(queries, rank=self.screen_rank, min_keys=self.screen_min_keys,
+                                                      chunk_size=self.chunk_size)
 
-    @torch.no_grad()
     def _screened_gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`fire` for large stores: :meth:`gate`'s fire and fired index, screened."""
-        q = unit_rows(queries)  # (M, d_key)
-        keys, _ = self.device_tensors(q.device)
-        screen = self._dev.get("screen")
-        if screen is None:  # built once per change of the store, from its keys and this first batch
-            sample = q[:: max(1, q.shape[0] // 4096)]
-            screen = self._dev["screen"] = LowRankScreen.build(  # type: ignore[assignment]
-                keys, sample=sample, rank=self.screen_rank, chunk_size=self.chunk_size
-            )
-        return screen.gate(q, keys, self._dev["gate"])  # type: ignore[union-attr]
+        """:meth:`fire` through the screen whatever the store's size."""
+        return self.device_index(queries.device).screened_gate(queries, rank=self.screen_rank,
+                                                               chunk_size=self.chunk_size)
 
+    def checks_words(self, device: torch.device) -> bool:
+        """Whether any fact is word-checked (a host flag cached with the device tensors)."""
+        return self.device_index(device).checks_words
+
+    def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(M,) bool: the word check for retrieved rows ``index`` (M,) at token ``windows``
+        (M, width) (:func:`neuraldb.words.token_windows`); True for facts without a word."""
+        return self.device_index(windows.device).word_ok(index, windows)
+
+    # ------------------------------------------------------------------- firing
     def reset_stats(self) -> None:
         """Zero the firing counters (positions seen, fires, fires per fact)."""
-        self._positions = torch.zeros((), dtype=torch.long)
-        self._fires = torch.zeros((), dtype=torch.long)
-        self.fires_per_fact = torch.zeros(len(getattr(self, "ids", [])), dtype=torch.long)
-        self.last_fire_mask: torch.Tensor | None = None
-        self.last_fire_index: torch.Tensor | None = None
+        self.firing.reset(len(self.ids))
 
     def stats(self) -> dict[str, Any]:
         """Firing counters since the last reset: gated positions, fires, rate."""
-        positions, fires = int(self._positions), int(self._fires)
-        return {"positions": positions, "fires": fires, "rate": fires / positions if positions else 0.0}
+        return self.firing.stats()
 
-    def record_firing(self, valid: torch.Tensor, fire: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> None:
-        """Count one call's gated positions and fires (each (batch*seq,)); keep its masks.
-
-        The counters stay on the device: no host sync in the hook's hot path.
-        """
-        self._positions = self._positions.to(fire.device) + valid.sum()
-        self._fires = self._fires.to(fire.device) + fire.sum()
-        self.fires_per_fact = self.fires_per_fact.to(fire.device).index_add_(0, index.clamp_min(0), fire.long())
-        self.last_fire_mask = fire.reshape(batch, seq)
-        self.last_fire_index = torch.where(fire, index, torch.full_like(index, -1)).reshape(batch, seq)
+    fires_per_fact = _firing("per_fact", "(N,) long: fires per fact since the last reset or change of rows.")
+    last_fire_mask = _firing("last_mask", "(batch, seq) bool: where the last model call fired (None before one).")
+    last_fire_index = _firing("last_index", "(batch, seq) long: the fact fired at each position of the last call, "
+                                            "-1 where shut (None before one).")
 
     # ------------------------------------------------------------ attach/detach
     def module_name(self, model: nn.Module | None = None) -> str:
         """The module whose input is the key (the MLP output projection at ``layer``)."""
-        if self.module_template:
-            return self.module_template.format(self.layer)
-        if model is None:
-            raise StoreError("this store has no module template; attach it to a model first")
-        return resolve_arch(model).mlp_out_at(self.layer)
+        return key_module(self, model, error=StoreError)
 
     def residual_module_name(self, model: nn.Module | None = None) -> str:
         """The module whose output receives the residual (usually the same projection)."""
-        if self.residual_template:
-            return self.residual_template.format(self.layer)
-        if model is None:
-            return self.module_name(model)
-        return resolve_arch(model).residual_out_at(self.layer)
-
-    def _check_layer(self, layer: int) -> None:
-        if int(layer) != self.layer:
-            raise StoreError(
-                f"this store was built for layer {self.layer}, not layer {layer}: keys and residuals are "
-                f"specific to the layer they were computed at; attach it at layer {self.layer} or re-edit "
-                f"the facts with EditConfig(layer={layer})"
-            )
+        return residual_module(self, model)
 
     def check_compatible(self, model: nn.Module, *, layer: int | None = None) -> None:
         """Raise :class:`StoreError` unless this store was built for ``model`` at ``layer``
-        (:func:`neuraldb.compat.check_compatible`: module, key width, weight fingerprint)."""
-        if layer is not None:
-            self._check_layer(layer)
-        check_compatible(self, model, error=StoreError)
+        (:func:`neuraldb.compat.check_compatible`: layer, module, key width, weight fingerprint)."""
+        check_compatible(self, model, layer=layer, error=StoreError)
 
     def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "NeuralDB":
-        """Hook the gate into ``model`` (checks it is the store's model and layer)."""
+        """Hook the gate into ``model`` (:meth:`StoreHook.attach <neuraldb.hook.StoreHook.attach>`: checks
+        it is the store's model and layer)."""
         if self._hook is not None:
             raise StoreError("this store is already attached; call detach() first")
-        other = attached_reader(model)
-        if other is not None:
-            raise StoreError(f"another store is attached to this model ({other!r}); detach it first")
-        if check:
-            self.check_compatible(model, layer=layer)
-        self._hook = StoreHook(self, model)
-        mark_attached(model, self)
+        self._hook = StoreHook.attach(self, model, layer=layer, check=check, error=StoreError)
         return self
 
     def detach(self) -> None:
         """Remove the hooks; the model is the original model again."""
         hook, self._hook = self._hook, None
-        if hook is None:
-            return
-        hook.close()
-        if attached_reader(hook.model) is self:
-            mark_attached(hook.model, None)
+        if hook is not None:
+            hook.detach()
 
     @property
     def is_attached(self) -> bool:
@@ -556,9 +407,7 @@ class NeuralDB:
         return write_store(self, path)
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, *, model: nn.Module | None = None, layer: int | None = None
-    ) -> "NeuralDB":
+    def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None, layer: int | None = None) -> "NeuralDB":
         """Read a store saved by :meth:`save`; with ``model``, check it belongs to that model
         (:func:`neuraldb.storefile.read_store`)."""
         from .storefile import read_store
@@ -567,5 +416,5 @@ class NeuralDB:
         if model is not None:
             db.check_compatible(model, layer=layer)
         elif layer is not None:
-            db._check_layer(layer)
+            check_layer(db, layer, error=StoreError)
         return db

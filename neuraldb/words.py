@@ -54,8 +54,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["WORD_WIDTH", "NO_WORD", "NO_FORM", "WORD_START", "mention_positions", "name_variants", "subject_forms",
-           "subject_words", "token_windows", "word_match", "word_start_tokens"]
+__all__ = ["WORD_WIDTH", "NO_WORD", "NO_FORM", "WORD_START", "mention_positions", "name_variants",
+           "same_forms", "subject_forms", "subject_words", "token_windows", "word_match", "word_start_tokens"]
 
 WORD_WIDTH = 16
 NO_WORD = -1  # padding left of a form; a form that is all NO_WORD matches anything
@@ -249,3 +249,18 @@ def mention_positions(tokenizer: Any, subject: str, text: str, *, aliases: Seque
     windows = token_windows(ids, width=words.shape[-1])[0]  # (seq, width)
     hit = word_match(words.expand(windows.shape[0], -1, -1), windows, starts)
     return hit.nonzero().squeeze(1).tolist()
+
+
+def same_forms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (N, F, width) and ``b`` (n, G, width) with as many forms each: the one with fewer
+    gets ``NO_FORM`` rows (forms that match nothing)."""
+    forms = max(a.shape[1], b.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] == forms:
+            return t
+        extra = torch.full((t.shape[0], forms - t.shape[1], t.shape[2]), NO_WORD, dtype=t.dtype)
+        extra[:, :, -1] = NO_FORM
+        return torch.cat([t, extra], dim=1)
+
+    return pad(a), pad(b)

@@ -295,7 +295,7 @@ def test_raising_gamma_never_adds_a_fire_on_real_activations(smollm2, templates,
     prev = None
     for g in sorted(gammas):
         d = copy.copy(db)
-        d.gamma, d._dev = g, {}
+        d.gamma = g  # drops the device index built for the old gamma
         fire, _, _ = d.gate(q)
         if prev is not None:
             assert not bool((fire & ~prev).any())

@@ -187,7 +187,7 @@ def test_screened_hook_gate_gives_the_brute_force_model_output(tiny_llama):
         with db.attached(model), torch.no_grad():
             outs.append(model(**batch).logits)
             masks.append(db.last_fire_mask.clone())
-        screens.append(db._dev.get("screen"))
+        screens.append(db.screen)
     assert screens[0] is None and screens[1] is not None and screens[1].screened > 0
     assert screens[1].rechecked < screens[1].screened  # the bound ruled some positions out
     assert masks[0][0, 2:5].all() and torch.equal(masks[0], masks[1])
