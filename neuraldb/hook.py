@@ -107,6 +107,17 @@ def detached(model: nn.Module | None, *readers: Reader) -> Iterator[Reader | Non
                 reader.attach(where, check=False)
 
 
+@contextmanager
+def attached(reader: Any, model: nn.Module, *, layer: int | None = None) -> Iterator[Any]:
+    """``with attached(reader, model): ...`` attaches ``reader`` and always detaches it on exit
+    (what ``db.attached(model)`` and ``LinearReader.attached(model)`` do)."""
+    reader.attach(model, layer=layer)
+    try:
+        yield reader
+    finally:
+        reader.detach()
+
+
 def call_inputs(trace: Trace | None, batch: int, seq: int) -> tuple[dict[str, Any], Any, Any]:
     """The model call's kwargs, its input_ids and its 2-D attention mask (keyword or positional;
     None where absent or not of this call's ``batch`` / at least ``seq`` columns)."""

@@ -19,14 +19,13 @@ for bit.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, ContextManager, Sequence
 
 import torch
 from torch import nn
 
 from .keys import model_device, pad_batch, pad_id
-from .hook import attached_reader, mark_attached
+from .hook import attached, attached_reader, mark_attached
 from .nethook import get_module, layer_input
 from .store import NeuralDB, StoreError
 
@@ -127,13 +126,9 @@ class LinearReader:
         if model is not None and attached_reader(model) is self:
             mark_attached(model, None)
 
-    @contextmanager
-    def attached(self, model: nn.Module, *, layer: int | None = None) -> Iterator["LinearReader"]:
-        self.attach(model, layer=layer)
-        try:
-            yield self
-        finally:
-            self.detach()
+    def attached(self, model: nn.Module, *, layer: int | None = None) -> ContextManager["LinearReader"]:
+        """``with reader.attached(model): ...`` attaches, and always detaches on exit."""
+        return attached(self, model, layer=layer)
 
     # the linear reader has no gate: every position is changed a little
     def reset_stats(self) -> None:

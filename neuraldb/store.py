@@ -27,16 +27,15 @@ fact's gate. Without calibration the gate is exactly the paper's.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .compat import check_compatible, check_layer, key_module, layer_fingerprint, model_name, residual_module
 from .config import check_gamma
-from .hook import Firing, StoreHook
+from .hook import Firing, StoreHook, attached
 from .reach import unreachable
 from .retrieval import DeviceIndex, LowRankScreen, max_cosines
 from .rows import check_rows, check_thresholds, check_words
@@ -389,14 +388,9 @@ class NeuralDB:
         """The model this store is attached to (None when detached)."""
         return self._hook.model if self._hook is not None else None
 
-    @contextmanager
-    def attached(self, model: nn.Module, *, layer: int | None = None) -> Iterator["NeuralDB"]:
+    def attached(self, model: nn.Module, *, layer: int | None = None) -> ContextManager["NeuralDB"]:
         """``with db.attached(model): ...`` attaches, and always detaches on exit."""
-        self.attach(model, layer=layer)
-        try:
-            yield self
-        finally:
-            self.detach()
+        return attached(self, model, layer=layer)
 
     # -------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
