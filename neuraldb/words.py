@@ -32,9 +32,8 @@ whitespace, an opening quote or a bracket (:func:`word_start_tokens`); so
 
 Natural variants of a mention (:func:`name_variants`): a leading article ("The",
 "A", "An") in either case ("the Eiffel Tower" fires "The Eiffel Tower"), and
-dropped when the rest is distinctive: two words or more ("Eiffel Tower"), or one
-word the tokenizer has no single token for ("Dustbinmen"); "The Who" and "The
-Register" keep their article ("Who" and "Register" open ordinary sentences); aliases a fact names
+dropped when two words or more remain ("Eiffel Tower"; "The Who" and "The Nanny"
+keep it: one word alone is too often an ordinary word, "Who is ...", "to Nanny"); aliases a fact names
 deliberately (``Fact(aliases=["Obama"])``). The check is otherwise exact
 (cased, unmisspelt, the whole name: "Silverberg" alone does not fire "Brad
 Silverberg"); the cosine still decides between stored facts.
@@ -70,14 +69,13 @@ _AFTER = (" is", "", "'s", ",", ".", "?", '"', ")", ":", "!", "’s")
 _CONTEXTS = tuple((b, " is") for b in _BEFORE) + tuple(("In ", a) for a in _AFTER[1:])
 
 
-def name_variants(name: str, tokenizer: Any = None) -> list[str]:
+def name_variants(name: str) -> list[str]:
     """The spellings of ``name`` that count as a mention: itself, its leading article in the
-    other case, and without the article when the rest is distinctive: two words or more, or
-    (given the ``tokenizer``) one word the tokenizer has no single token for.
+    other case, and without the article when two words or more remain.
 
     ``name_variants("The Eiffel Tower")`` -> ["The Eiffel Tower", "the Eiffel Tower", "Eiffel Tower"];
-    "The Who", "The Register" keep their article ("Who", "Register" are common words: one token),
-    "The Dustbinmen" may drop it.
+    "The Who", "The Nanny", "The Sopranos" keep their article (one word alone is too often an
+    ordinary word: "Who is ...", "to Nanny"); ``Fact(aliases=["Sopranos"])`` adds it deliberately.
     """
     name = " ".join(name.split())
     out = [name]
@@ -86,7 +84,7 @@ def name_variants(name: str, tokenizer: Any = None) -> list[str]:
         article, rest = m.group(1), m.group(2)
         other = article.lower() if article[0].isupper() else article[0].upper() + article[1:]
         out.append(f"{other} {rest}")
-        if len(rest.split()) >= 2 or (tokenizer is not None and len(_ids(tokenizer, " " + rest)) >= 2):
+        if len(rest.split()) >= 2:
             out.append(rest)
     return out
 
@@ -131,7 +129,7 @@ def subject_forms(tokenizer: Any, name: str, *, tokens: _Tokens | None = None) -
     ``WORD_START`` first where the form must start a word. Variants are :func:`name_variants`."""
     tokens = tokens or _Tokens(tokenizer)
     texts, where = [], []
-    for variant in name_variants(name, tokenizer):
+    for variant in name_variants(name):
         for before, after in _CONTEXTS:
             texts.append(before + variant + after)
             where.append((len(before), len(before) + len(variant)))
