@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -154,80 +156,105 @@ def edit(
     )
     layer = arch.check_layer(config.layer if config.layer is not None else arch.default_layer)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if db is None and ckpt is not None and ckpt.exists():
-        db = NeuralDB.load(ckpt, model=model, layer=layer)
-        log.info("resuming from %s: %d facts already done", ckpt, len(db))
-    if db is not None:
-        db.check_compatible(model, layer=layer)
-        templates = list(db.config.get("context_templates") or [])
-        # batch_size only groups independent facts, so a run may resume with another one
-        ignore = ("context_templates", "layer", "batch_size")
-        defaults = EditConfig().to_dict()  # a field added since the store was written has its default
-        saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
-        if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
-            raise StoreError(
-                "the store (or checkpoint) was built with a different EditConfig; resume with the same "
-                f"config or start a new store. Stored: {saved}"
-            )
-    with detached(model):  # keys and residuals are always computed on the unedited model
-        was_training = model.training
-        model.eval()
-        try:
-            if db is None or not templates:
-                templates = context_templates(
-                    model, tokenizer, prefixes=config.context_prefixes, length=config.context_length,
-                    seed=config.context_seed,
-                )
-            if db is None:
-                db = _new_store(model, config, layer, templates)
-            todo = [f for f in facts if f.id not in db]
-            if len(todo) < len(facts):
-                log.info("skipping %d facts already in the store", len(facts) - len(todo))
-            key_templates = templates if config.bare_weight > 0 else templates[1:]
-            residual_templates = templates + _chat_contexts(tokenizer, config)
-            optimised = optimisation_model(model, config.residual_dtype) if todo else model
-            bar = tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress)
-            t0 = time.perf_counter()
-            stored = _stored_by_subject(db) if config.share_subject_residuals else {}
+    db, templates = _resume(model, config, layer, db, ckpt)
+    with detached(model), _eval_mode(model):  # keys and residuals are always computed on the unedited model
+        if not templates:
+            templates = context_templates(model, tokenizer, prefixes=config.context_prefixes,
+                                          length=config.context_length, seed=config.context_seed)
+        db = db if db is not None else _new_store(model, config, layer, templates)
+        todo = [f for f in facts if f.id not in db]
+        if len(todo) < len(facts):
+            log.info("skipping %d facts already in the store", len(facts) - len(todo))
+        if not todo:
+            return db
+        step = _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
+                     key_templates=templates if config.bare_weight > 0 else templates[1:],
+                     residual_templates=templates + _chat_contexts(tokenizer, config),
+                     optimised=optimisation_model(model, config.residual_dtype))
+        stored = _stored_by_subject(db) if config.share_subject_residuals else {}
+        t0 = time.perf_counter()
+        with tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress) as bar:
             for b, start in enumerate(range(0, len(todo), config.batch_size)):
                 batch = todo[start : start + config.batch_size]
-                # facts stored earlier about a subject of this batch are optimised again with it, so that
-                # every fact about one subject ends with the same residual (see share_subject_residuals)
-                earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
-                keys = compute_keys(
-                    model, tokenizer, batch, layer=layer, templates=key_templates,
-                    bare_weight=config.bare_weight, arch=arch,
-                )
-                together = batch + earlier
-                residuals, info = compute_residuals(
-                    optimised, tokenizer, together, layer=layer, templates=residual_templates, config=config, arch=arch,
-                    groups=_subject_groups(together) if config.share_subject_residuals else None,
-                )
-                for j, f in enumerate(earlier, start=len(batch)):
-                    db.update(f.id, residual=residuals[j])
-                if earlier:
-                    log.info("re-optimised %d stored facts that share a subject with this batch", len(earlier))
-                records = []
-                for i, f in enumerate(batch):
-                    rec = f.to_dict()
-                    rec["edit"] = {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}
-                    records.append(rec)
-                words = (subject_words(tokenizer, [f.subject for f in batch], aliases=[f.aliases for f in batch])
-                         if config.word_check else None)
-                if words is not None and db.word_starts.numel() == 0:
-                    db.word_starts = word_start_tokens(tokenizer)
-                db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
-                if config.share_subject_residuals:
-                    for f in batch:
-                        stored.setdefault(f.subject, []).append(f)
+                _edit_batch(step, db, batch, stored)
                 bar.update(len(batch))
                 if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
                     db.save(ckpt)
-            bar.close()
-            if todo:
-                log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
-            if todo and (check or strict):
-                _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
-        finally:
-            model.train(was_training)
+        log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
+        if check or strict:
+            _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
     return db
+
+
+def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,
+            ckpt: Path | None) -> tuple[NeuralDB | None, list[str]]:
+    """The store to add to (``db``, else the checkpoint if it exists) and its context templates;
+    a store built with another EditConfig is an error (``batch_size`` only groups facts)."""
+    if db is None and ckpt is not None and ckpt.exists():
+        db = NeuralDB.load(ckpt, model=model, layer=layer)
+        log.info("resuming from %s: %d facts already done", ckpt, len(db))
+    if db is None:
+        return None, []
+    db.check_compatible(model, layer=layer)
+    ignore = ("context_templates", "layer", "batch_size")
+    defaults = EditConfig().to_dict()  # a field added since the store was written has its default
+    saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
+    if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
+        raise StoreError(
+            "the store (or checkpoint) was built with a different EditConfig; resume with the same "
+            f"config or start a new store. Stored: {saved}"
+        )
+    return db, list(db.config.get("context_templates") or [])
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What every batch of one edit call shares."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: EditConfig
+    arch: Any
+    layer: int
+    key_templates: list[str]
+    residual_templates: list[str]
+    optimised: nn.Module  # the model, or its bfloat16 copy (EditConfig.residual_dtype)
+
+
+def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, list[Fact]]) -> None:
+    """Keys and residuals of ``batch``, added to ``db``. Facts stored earlier about a subject of the
+    batch are optimised again with it, so that every fact about one subject ends with the same
+    residual (``EditConfig.share_subject_residuals``; ``stored`` is kept up to date)."""
+    config, tokenizer = step.config, step.tokenizer
+    earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
+    keys = compute_keys(step.model, tokenizer, batch, layer=step.layer, templates=step.key_templates,
+                        bare_weight=config.bare_weight, arch=step.arch)  # (n, d_key)
+    together = batch + earlier
+    residuals, info = compute_residuals(
+        step.optimised, tokenizer, together, layer=step.layer, templates=step.residual_templates, config=config,
+        arch=step.arch, groups=_subject_groups(together) if config.share_subject_residuals else None,
+    )  # (n + len(earlier), d_model)
+    for j, f in enumerate(earlier, start=len(batch)):
+        db.update(f.id, residual=residuals[j])
+    if earlier:
+        log.info("re-optimised %d stored facts that share a subject with this batch", len(earlier))
+    records = [f.to_dict() | {"edit": {"loss": info.loss[i], "nll": info.nll[i], "steps": info.steps[i]}}
+               for i, f in enumerate(batch)]
+    words = (subject_words(tokenizer, [f.subject for f in batch], aliases=[f.aliases for f in batch])
+             if config.word_check else None)
+    if words is not None and db.word_starts.numel() == 0:
+        db.word_starts = word_start_tokens(tokenizer)
+    db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
+    if config.share_subject_residuals:
+        for f in batch:
+            stored.setdefault(f.subject, []).append(f)
