@@ -74,10 +74,6 @@ def run_study(
 ) -> dict[str, Any]:
     """Edit ``max(sizes)`` CounterFact facts once, evaluate both readers at every size."""
     import neuraldb
-    from neuraldb.keys import calibration_queries
-    from neuraldb.linear import LinearReader, estimate_c0
-
-    from .datasets import editable_cases, load_counterfact
 
     unknown = sorted(set(readers) - set(READERS))
     if unknown:  # before any work: the edit can take an hour
@@ -86,51 +82,20 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in sizes)
     config = config or neuraldb.EditConfig()
-    cases, skipped = editable_cases(load_counterfact(data_dir=data_dir), tokenizer, config)
-    for note in skipped:
-        log.info("left out (cannot be keyed): %s", note)
-    if len(cases) < sizes[-1]:
-        raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {sizes[-1]}")
-    cases = cases[: sizes[-1]]
-    ckpt = out / "store.safetensors"
-    done = neuraldb.NeuralDB.load(ckpt, model=model) if ckpt.is_file() else None  # loaded once, resumed by edit
-    resumed = len(done) if done is not None else 0
-    t0 = time.perf_counter()
-    db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config, db=done,
-                       checkpoint=ckpt, checkpoint_every=4, progress=progress)
-    edit_s = time.perf_counter() - t0
-    generic = _generic_texts(data_dir, max(c0_texts, calib_texts)) if {"linear", "calibrated"} & set(readers) else []
-    c0 = estimate_c0(model, tokenizer, generic[-c0_texts:], layer=db.layer,
-                     module_template=db.module_template) if "linear" in readers else None
-    calib = calibration_queries(model, tokenizer, generic[-calib_texts:], layer=db.layer) \
-        if "calibrated" in readers else None
+    cases, skipped = _editable_cases(tokenizer, config, sizes[-1], data_dir)
+    db, edit_s, resumed = _edit_once(model, tokenizer, cases, config, out, progress)
+    c0, calib = _generic_statistics(model, tokenizer, db, readers, data_dir, c0_texts, calib_texts)
     rows = []
     for n in sizes:
         for reader_name in readers:
-            sub = db.head(n)
-            if reader_name == "linear":
-                reader = LinearReader(sub, c0=c0, lam=lam)
-            else:
-                reader = sub
-                if reader_name == "calibrated":  # per-key thresholds from held-out generic text
-                    sub.calibrate(calib, margin=calib_margin)
+            reader = _reader(db.head(n), reader_name, c0=c0, lam=lam, calib=calib, calib_margin=calib_margin)
             report = neuraldb.evaluate(
                 model, reader, tokenizer=tokenizer, dataset=list(cases[: min(n, eval_cases)]),
                 metrics=list(_KEYS), batch_size=batch_size, output_dir=out / f"{reader_name}-{n}",
                 general_tasks=general_tasks, general_limit=general_limit, data_dir=data_dir, progress=progress,
             )
-            row = {"size": n, "reader": reader_name, "eval_cases": min(n, eval_cases)}
-            for k in _KEYS:
-                m = report["metrics"][k]
-                row[k] = {"pre": m["pre"]["mean"], "post": m["post"]["mean"], "post_ci": m["post"].get("ci")}
-            if report.get("general"):
-                row["general"] = {
-                    t: {"before": v.get("before"), "after": v.get("after"), "identical": v.get("identical_fraction"),
-                        "fire_rate": (v.get("firing") or {}).get("rate")}
-                    for t, v in (report["general"].get("tasks") or {}).items()
-                }
-            rows.append(row)
-            log.info("size %d %s: %s", n, reader_name, {k: row[k]["post"] for k in _KEYS})
+            rows.append(_row(report, n, reader_name, eval_cases))
+            log.info("size %d %s: %s", n, reader_name, {k: rows[-1][k]["post"] for k in _KEYS})
     result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
               "edit_seconds": edit_s, "facts": len(db), "edited_this_call": len(db) - resumed,
               "left_out": skipped, "rows": rows}
@@ -138,6 +103,71 @@ def run_study(
     _plot(result, out / "study.png")
     write_text(out / "study.md", render_markdown(result))
     return result
+
+
+def _editable_cases(tokenizer: Any, config: Any, n: int, data_dir: str | os.PathLike | None) -> tuple[list, list]:
+    """The first ``n`` CounterFact cases that can be keyed, and notes on those left out."""
+    from .datasets import editable_cases, load_counterfact
+
+    cases, skipped = editable_cases(load_counterfact(data_dir=data_dir), tokenizer, config)
+    for note in skipped:
+        log.info("left out (cannot be keyed): %s", note)
+    if len(cases) < n:
+        raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {n}")
+    return cases[:n], skipped
+
+
+def _edit_once(model: Any, tokenizer: Any, cases: list, config: Any, out: Path, progress: bool) -> tuple[Any, float, int]:
+    """Edit every case once, resuming from ``out/store.safetensors``: the store, seconds, facts resumed."""
+    import neuraldb
+
+    ckpt = out / "store.safetensors"
+    done = neuraldb.NeuralDB.load(ckpt, model=model) if ckpt.is_file() else None  # loaded once, resumed by edit
+    resumed = len(done) if done is not None else 0
+    t0 = time.perf_counter()
+    db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config, db=done,
+                       checkpoint=ckpt, checkpoint_every=4, progress=progress)
+    return db, time.perf_counter() - t0, resumed
+
+
+def _generic_statistics(model: Any, tokenizer: Any, db: Any, readers: Sequence[str],
+                        data_dir: str | os.PathLike | None, c0_texts: int, calib_texts: int) -> tuple[Any, Any]:
+    """From the last LAMBADA passages: C0 for the linear reader, calibration queries for the calibrated one."""
+    from neuraldb.keys import calibration_queries
+    from neuraldb.linear import estimate_c0
+
+    generic = _generic_texts(data_dir, max(c0_texts, calib_texts)) if {"linear", "calibrated"} & set(readers) else []
+    c0 = estimate_c0(model, tokenizer, generic[-c0_texts:], layer=db.layer,
+                     module_template=db.module_template) if "linear" in readers else None
+    calib = calibration_queries(model, tokenizer, generic[-calib_texts:], layer=db.layer) \
+        if "calibrated" in readers else None
+    return c0, calib
+
+
+def _reader(sub: Any, reader_name: str, *, c0: Any, lam: float, calib: Any, calib_margin: float) -> Any:
+    """The reader of a prefix store: MEMIT's closed form, or the store itself (calibrated or not)."""
+    from neuraldb.linear import LinearReader
+
+    if reader_name == "linear":
+        return LinearReader(sub, c0=c0, lam=lam)
+    if reader_name == "calibrated":  # per-key thresholds from held-out generic text
+        sub.calibrate(calib, margin=calib_margin)
+    return sub
+
+
+def _row(report: dict[str, Any], n: int, reader_name: str, eval_cases: int) -> dict[str, Any]:
+    """One (size, reader) row of the study from its evaluation report."""
+    row = {"size": n, "reader": reader_name, "eval_cases": min(n, eval_cases)}
+    for k in _KEYS:
+        m = report["metrics"][k]
+        row[k] = {"pre": m["pre"]["mean"], "post": m["post"]["mean"], "post_ci": m["post"].get("ci")}
+    if report.get("general"):
+        row["general"] = {
+            t: {"before": v.get("before"), "after": v.get("after"), "identical": v.get("identical_fraction"),
+                "fire_rate": (v.get("firing") or {}).get("rate")}
+            for t, v in (report["general"].get("tasks") or {}).items()
+        }
+    return row
 
 
 def render_markdown(result: dict[str, Any]) -> str:

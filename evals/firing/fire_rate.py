@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -56,67 +55,19 @@ from typing import Any, Sequence
 import torch
 
 from neuraldb import Fact, NeuralDB, resolve_arch
-from neuraldb.keys import pad_batch, pad_id
-from neuraldb.nethook import layer_input
-from neuraldb.words import NO_WORD, subject_words, token_windows, word_match, word_start_tokens
+from neuraldb.words import subject_words, token_windows, word_start_tokens
 
-from .measure import (default_data_dir, generated_facts, group_keys, keyable, load_facts, load_passages,
-                      subject_last_positions)
+from .gates import Gate, fired_on_subject_word, gated_queries
+from .measure import default_data_dir, generated_facts, group_keys, keyable, load_facts
+from .recall import measure_recall
+from .report import gate_row, render, write_json
+from .texts import GLUE_SENTENCES, _slice, calibration_texts, load_text_spec, unrelated_texts
+
+__all__ = ["run", "render", "run_fire_rate", "add_fire_rate_arguments", "main", "build_store", "Gate",
+           "gated_queries", "fired_on_subject_word", "calibration_texts", "load_text_spec", "unrelated_texts",
+           "GLUE_SENTENCES"]
 
 log = logging.getLogger("evals.firing.fire_rate")
-
-
-def calibration_texts(data_dir: Path, path: str | None = None, limit: int | None = None) -> list[str]:
-    """Generic text for per-key thresholds: a file (one passage a line / JSONL), or the general
-    tasks' inputs in the data dir: SciQ support passages, MMLU questions (every 5th), then
-    ARC-Challenge and CommonsenseQA questions and WSC sentences (whichever are there)."""
-    if path:
-        return load_passages(path, limit=limit)
-    out: list[str] = []
-
-    def field(rel: str, key: str, step: int = 1) -> list[str]:
-        f = data_dir / rel
-        if not f.is_file():
-            return []
-        rows = [json.loads(x) for x in open(f, encoding="utf-8") if x.strip()][::step]
-        return [t for t in (r.get(key, "") for r in rows) if isinstance(t, str) and t.strip()]
-
-    out += field("sciq/sciq_test.jsonl", "support")
-    out += field("mmlu/mmlu_test.jsonl", "question", 5)
-    if not out:
-        raise FileNotFoundError(f"no calibration text in {data_dir} (sciq/, mmlu/); pass --calib-text FILE")
-    out += field("arc_challenge/arc_challenge_test.jsonl", "question")
-    out += field("commonsense_qa/commonsense_qa_validation.jsonl", "question")
-    out += field("wsc273/wsc273_test.jsonl", "text")
-    return out[:limit] if limit else out
-
-
-@torch.no_grad()
-def gated_queries(model, tok, texts: Sequence[str], *, layer: int, max_len: int, batch_size: int,
-                  subjects: Sequence[str | None] | None = None, progress: bool = False, desc: str = "text"):
-    """Yield (rows, acts (b, t, d), valid (b, t), ids (b, t), subj_pos (b,)) per batch.
-
-    ``valid`` is what the store's hook gates: real tokens except the first of each text.
-    """
-    from tqdm.auto import tqdm
-
-    arch = resolve_arch(model)
-    device = next(model.parameters()).device
-    enc, spos = [], []
-    for i, t in enumerate(texts):
-        if subjects is not None and subjects[i]:
-            ids, p = subject_last_positions(tok, t, subjects[i])
-        else:
-            ids, p = tok(t)["input_ids"], None
-        enc.append(list(ids)[:max_len]), spos.append(-1 if p is None or p >= max_len else p)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, mininterval=5):
-        rows = order[start: start + batch_size]
-        ids, mask = pad_batch([enc[r] for r in rows], pad_id(tok), device)
-        x = layer_input(model, arch.mlp_out_at(layer), input_ids=ids, attention_mask=mask)
-        valid = mask.bool().clone()
-        valid[:, 0] = False
-        yield rows, x, valid, ids, torch.tensor([spos[r] for r in rows], device=device)
 
 
 def build_store(model, tok, facts: list[Fact], *, layer: int, gamma: float, bare_weight: float,
@@ -147,303 +98,121 @@ def build_store(model, tok, facts: list[Fact], *, layer: int, gamma: float, bare
     return db, kept, info
 
 
-def _slice(spec: str | None) -> tuple[int, int | None]:
-    if not spec:
-        return 0, None
-    lo, _, hi = spec.partition(":")
-    return int(lo or 0), (int(hi) if hi else None)
-
-
-def load_text_spec(spec: str, data_dir: Path, evaluated: tuple[str | None, str | None] = (None, None)) -> list[str]:
-    """``default``, ``lambada[@START:END]``, or ``FILE[@START:END]``.
-
-    ``default`` is the general tasks' inputs (:func:`calibration_texts`) plus the LAMBADA
-    passages that are not evaluated: ``evaluated`` is the run's (``--text``, ``--passages``);
-    with ``--text`` another file all of LAMBADA is used, with LAMBADA only the passages
-    outside the evaluated slice.
-    """
-    name, _, sl = spec.partition("@")
-    lo, hi = _slice(sl)
-    if name == "default":
-        texts = calibration_texts(data_dir)[lo:hi]
-        lambada = data_dir / "lambada_openai" / "lambada_test.jsonl"
-        text, passages = evaluated
-        if lambada.is_file() and not sl:
-            all_l = load_passages(lambada)
-            if text is None:  # the evaluated text is LAMBADA: only the other passages
-                elo, ehi = _slice(passages)
-                ehi = len(all_l) if ehi is None else ehi
-                all_l = all_l[:elo] + all_l[ehi:]
-            texts += all_l
-        return texts
-    return unrelated_texts(None if name == "lambada" else name, data_dir)[lo:hi]
-
-
-GLUE_SENTENCES = {"sst2": ("sentence",), "rte": ("sentence1", "sentence2"), "mrpc": ("sentence1", "sentence2"),
-                  "cola": ("sentence",)}
-
-
-def unrelated_texts(text: str | None, data_dir: Path) -> list[str]:
-    """``--text``: None (LAMBADA), ``glue`` (the GLUE validation sentences in the data dir:
-    SST-2, RTE, MRPC, CoLA, one text per sentence), or a file (one passage a line / JSONL)."""
-    if text != "glue":
-        return load_passages(text, data_dir=data_dir)
-    out = []
-    for task, fields in GLUE_SENTENCES.items():
-        f = data_dir / "glue" / f"{task}_validation.jsonl"
-        if not f.is_file():
-            raise FileNotFoundError(f"--text glue: {f} is missing (GLUE validation files in the data dir)")
-        for line in open(f, encoding="utf-8"):
-            if line.strip():
-                rec = json.loads(line)
-                out += [rec[k].replace("\n", " ").strip() for k in fields if str(rec.get(k, "")).strip()]
-    return out
-
-
-_TRAILING_WORD = re.compile(r"[\w'’.-]*$")
-_FUNCTION_WORDS = frozenset("a an the of and or in on at to for by with from de del della di da du des la le les el "
-                            "los las von van der den ter y et".split())
-
-
-def fired_on_subject_word(tok: Any, ids: torch.Tensor | Sequence[int], subject: str) -> bool:
-    """Whether the token that fired ends (or begins, 4+ letters) a word of ``subject``.
-
-    ``ids`` are the text's tokens up to and including the fired one. A text about "Mr.
-    Henderson" that fires the key of "Erin Henderson" at "Henderson" is not unrelated to
-    that fact; a fire at "Steinberg" on the key of "Brad Silverberg" is a false fire, and
-    so is a fire anywhere else in a text that happens to contain "Brad" or "of".
-    """
-    text = tok.decode([int(i) for i in ids], skip_special_tokens=True)
-    m = _TRAILING_WORD.search(text)
-    word = (m.group(0) if m else "").lower().strip(".-'’")
-    for suffix in ("'s", "’s"):
-        word = word.removesuffix(suffix)
-    if not word:
-        return False
-    words = [w.strip(".,;:!?()\"'’").lower() for w in subject.split()]
-    words = [w for w in words if w and w not in _FUNCTION_WORDS]  # "of" in "University of X" names no one
-    return any(word == w or (len(word) >= 4 and w.startswith(word)) for w in words)
-
-
-class Gate:
-    """One gate configuration measured on the same activations: a gamma, with or without thresholds."""
-
-    def __init__(self, db: NeuralDB, gamma: float, calibrated: bool, shift: float = 0.0, margin: float | None = None,
-                 word_check: bool = False):
-        self.db = NeuralDB(layer=db.layer, d_key=db.d_key, d_model=1, gamma=gamma)
-        self.db.keys, self.db.ids, self.db._index = db.keys, db.ids, db._index
-        self.db.residuals = torch.zeros(len(db), 1)
-        self.db.thresholds = db.thresholds + shift if calibrated else torch.full((len(db),), float("-inf"))
-        self.db.words = db.words if word_check else torch.full_like(db.words, NO_WORD)
-        self.db.word_starts = db.word_starts
-        self.name = f"gamma={gamma}" + (f" +per-key thresholds (margin {margin})" if calibrated else " (global gamma only)")
-        self.name += " +word check" if word_check else ""
-        self.margin = margin
-        self.gamma, self.calibrated, self.word_check = gamma, calibrated, word_check
-        self.fires = self.mentions = self.words = 0
-        self.worst: list[tuple[float, str, str, int, int]] = []
-        self.per_fact: dict[str, int] = {}
-        self.recall: dict[str, dict[str, Any]] = {}
-        self._thr: torch.Tensor | None = None
-        self._words: torch.Tensor | None = None
-
-    def fire(self, scores: torch.Tensor, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """(M,) this gate's decision for the shared top-1 ``(scores, index)`` (M,) at token ``windows`` (M, width)."""
-        if self._thr is None or self._thr.device != scores.device:  # no normalised key copy per gate
-            self._thr, self._words = self.db.gate_thresholds().to(scores.device), self.db.words.to(scores.device)
-            self._starts = self.db.word_starts.to(scores.device)
-        fire = scores > self._thr[index]
-        return fire & word_match(self._words[index], windows, self._starts) if self.word_check else fire
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import neuraldb
-
+    """Build the store, count false fires per gate on the unrelated text, measure recall; the report."""
     torch.set_grad_enabled(False)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     t_start = time.perf_counter()
-    if args.model_gguf:  # DIR:FILE of a (possibly truncated) GGUF, for machines without the model cache
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        d, f = args.model_gguf.split(":", 1)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval().to(args.device)
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        tok.pad_token = tok.pad_token or tok.eos_token
-    else:
-        model, tok = neuraldb.load_model(args.model, device=args.device)
+    model, tok = load_model(args)
     layer = args.layer if args.layer is not None else resolve_arch(model).default_layer
-
-    facts = load_facts(args.facts, n=args.n, data_dir=data_dir)
-    if args.fill and args.n and len(facts) < args.n:
-        facts = facts + generated_facts(args.n - len(facts), seed=args.seed)
+    facts = stored_facts(args, data_dir)
     real = {f.id for f in facts if not f.id.startswith("gen-")}
     templates = json.loads(Path(args.templates).read_text()) if args.templates else None
-    gammas = args.gamma
-    db, facts, info = build_store(model, tok, facts, layer=layer, gamma=min(gammas), bare_weight=args.bare_weight,
+    db, facts, info = build_store(model, tok, facts, layer=layer, gamma=min(args.gamma), bare_weight=args.bare_weight,
                                   cache_dir=args.cache_dir, progress=not args.quiet, templates=templates)
-    report: dict[str, Any] = {"model": args.model_gguf or args.model, "layer": layer, "gammas": gammas,
+    report: dict[str, Any] = {"model": args.model_gguf or args.model, "layer": layer, "gammas": args.gamma,
                               "bare_weight": args.bare_weight, "facts_source": args.facts,
                               "stored": len(db), "real_facts": len(real & set(db.ids)), **info}
-
     lo, hi = _slice(args.passages)
     passages = unrelated_texts(args.text, data_dir)[lo:hi]  # the evaluated text
     checks = {"no": [False], "yes": [False, True], "only": [True]}[args.word_check]
-    gates = [] if args.calibrate == "only" else [Gate(db, g, False, word_check=w) for w in checks for g in gammas]
+    gates = [] if args.calibrate == "only" else [Gate(db, g, False, word_check=w) for w in checks for g in args.gamma]
     if args.calibrate in ("yes", "only"):
-        t0 = time.perf_counter()
-        texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir, (args.text, args.passages))]
-        evaluated = set(passages)
-        kept = list(dict.fromkeys(t for t in texts if t not in evaluated))  # held out by construction, no repeats
-        report_dropped = len(set(texts)) - len(kept)
-        texts = kept
-        acts = []
-        for _, a, valid, _, _ in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
-                                               batch_size=args.batch_size, progress=not args.quiet, desc="calib"):
-            acts.append(a[valid].float())
-        q = torch.cat(acts)
+        report["calibration"] = calibrate(model, tok, db, passages, args, data_dir=data_dir, layer=layer)
         first = args.margin[0]
-        db.calibrate(q, margin=first)  # thresholds = max calibration cosine + margin: other margins are shifts
-        report["calibration"] = {"text": args.calib_text, "texts": len(texts), "dropped_evaluated": report_dropped,
-                                 "positions": int(q.shape[0]),
-                                 "margins": args.margin, "seconds": round(time.perf_counter() - t0, 1),
-                                 "raised": {f"{g}/{m}": int((db.thresholds - first + m > g).sum())
-                                            for g in gammas for m in args.margin}}
-        del q, acts
         gates += [Gate(db, g, True, shift=m - first, margin=m, word_check=w)
-                  for w in checks for m in args.margin for g in gammas]
-
-    # ---- unrelated text
-    t0 = time.perf_counter()
+                  for w in checks for m in args.margin for g in args.gamma]
     subj_of = {f.id: f.subject for f in facts}
+    t0 = time.perf_counter()
+    positions = count_false_fires(model, tok, db, gates, passages, subj_of, first=lo, layer=layer,
+                                  max_len=args.max_len, batch_size=args.batch_size, progress=not args.quiet)
+    report["unrelated"] = {"text": args.text or "LAMBADA (lambada_openai/lambada_test.jsonl)",
+                           "passages": f"{lo}:{lo + len(passages)}", "positions": positions,
+                           "seconds": round(time.perf_counter() - t0, 1)}
+    measure_recall(model, tok, db, gates, facts, real, layer=layer, max_len=args.max_len,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    report["gates"] = [gate_row(g, positions, subj_of, args.worst) for g in gates]
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
+    return report
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``--model``, or ``--model-gguf DIR:FILE`` (a possibly truncated GGUF, for machines without the model cache)."""
+    if not args.model_gguf:
+        import neuraldb
+
+        return neuraldb.load_model(args.model, device=args.device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = args.model_gguf.split(":", 1)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval().to(args.device)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return model, tok
+
+
+def stored_facts(args: argparse.Namespace, data_dir: Path) -> list[Fact]:
+    """``--facts`` (first ``--n``), topped up with generated facts under ``--fill generated``."""
+    facts = load_facts(args.facts, n=args.n, data_dir=data_dir)
+    if args.fill and args.n and len(facts) < args.n:
+        facts = facts + generated_facts(args.n - len(facts), seed=args.seed)
+    return facts
+
+
+def calibrate(model, tok, db: NeuralDB, passages: list[str], args: argparse.Namespace, *, data_dir: Path,
+              layer: int) -> dict[str, Any]:
+    """Per-key thresholds at the first margin from the calibration text minus the evaluated
+    passages (other margins are shifts of them); the report's ``calibration`` entry."""
+    t0 = time.perf_counter()
+    texts = [t for spec in args.calib_text for t in load_text_spec(spec, data_dir, (args.text, args.passages))]
+    evaluated = set(passages)
+    kept = list(dict.fromkeys(t for t in texts if t not in evaluated))  # held out by construction, no repeats
+    acts = [a[valid].float() for _, a, valid, _, _ in
+            gated_queries(model, tok, kept, layer=layer, max_len=args.max_len, batch_size=args.batch_size,
+                          progress=not args.quiet, desc="calib")]
+    q = torch.cat(acts)
+    first = args.margin[0]
+    db.calibrate(q, margin=first)  # thresholds = max calibration cosine + margin: other margins are shifts
+    return {"text": args.calib_text, "texts": len(kept), "dropped_evaluated": len(set(texts)) - len(kept),
+            "positions": int(q.shape[0]), "margins": args.margin, "seconds": round(time.perf_counter() - t0, 1),
+            "raised": {f"{g}/{m}": int((db.thresholds - first + m > g).sum())
+                       for g in args.gamma for m in args.margin}}
+
+
+def count_false_fires(model, tok, db: NeuralDB, gates: list[Gate], passages: list[str], subj_of: dict[str, str], *,
+                      first: int, layer: int, max_len: int, batch_size: int, progress: bool) -> int:
+    """One pass over the unrelated text: each gate's fires, sorted into mentions, subject words and
+    false fires (``first`` numbers the passages); the number of gated positions."""
     positions = 0
-    for rows, a, valid, ids, _ in gated_queries(model, tok, passages, layer=layer, max_len=args.max_len,
-                                                batch_size=args.batch_size, progress=not args.quiet, desc="text"):
+    for rows, a, valid, ids, _ in gated_queries(model, tok, passages, layer=layer, max_len=max_len,
+                                                batch_size=batch_size, progress=progress, desc="text"):
         positions += int(valid.sum())
-        flat = a.reshape(-1, a.shape[-1])
-        top_s, top_i = db.retrieve(flat)  # one exact top-1 for every gate: they differ in thresholds only
+        top_s, top_i = db.retrieve(a.reshape(-1, a.shape[-1]))  # one exact top-1 for every gate: thresholds differ
         windows = token_windows(ids).reshape(-1, db.words.shape[2])
         index, scores = top_i.reshape(valid.shape).cpu(), top_s.reshape(valid.shape).cpu()
         for g in gates:
             fire = (g.fire(top_s, top_i, windows).reshape(valid.shape) & valid).cpu()
             for b, t in fire.nonzero().tolist():
                 fid = db.ids[int(index[b, t])]
-                text = passages[rows[b]]
-                if subj_of[fid].lower() in text.lower():
-                    g.mentions += 1
-                elif fired_on_subject_word(tok, ids[b, : t + 1], subj_of[fid]):  # "Mr. Henderson" for "Erin Henderson"
-                    g.words += 1
-                else:
-                    g.fires += 1
-                    g.per_fact[fid] = g.per_fact.get(fid, 0) + 1
-                    g.worst.append((float(scores[b, t]), fid, tok.decode([int(ids[b, t])]), lo + rows[b], t))
-    report["unrelated"] = {"text": args.text or "LAMBADA (lambada_openai/lambada_test.jsonl)",
-                           "passages": f"{lo}:{lo + len(passages)}", "positions": positions,
-                           "seconds": round(time.perf_counter() - t0, 1)}
-
-    # ---- paraphrase and edit-prompt recall (real facts only: generated fill-ups are not measured)
-    measured = [f for f in facts if f.id in real]
-    row_of = {f.id: i for i, f in enumerate(facts)}  # facts are in the store's row order
-    # facts about one subject share one residual (EditConfig.share_subject_residuals), so
-    # retrieving any of them adds the right residual: recall counts them as the fact's own
-    subject_id: dict[str, int] = {}
-    same = torch.tensor([subject_id.setdefault(f.subject, len(subject_id)) for f in facts])  # (rows,)
-    for name, items in (("paraphrase", [(f, p) for f in measured for p in f.paraphrases]),
-                        ("edit_prompt", [(f, f.text) for f in measured])):
-        if not items:
-            continue
-        texts = [p for _, p in items]
-        owner = torch.tensor([row_of[f.id] for f, _ in items])
-        acc = {g.name: {"any": torch.zeros(len(items), dtype=torch.bool),
-                        "subj": torch.zeros(len(items), dtype=torch.bool),
-                        "strict": torch.zeros(len(items), dtype=torch.bool), "wrong": 0,
-                        "miss_below": 0, "miss_other": 0} for g in gates}
-        has_subj = torch.zeros(len(items), dtype=torch.bool)
-        for rows, a, valid, qids, spos in gated_queries(model, tok, texts, layer=layer, max_len=args.max_len,
-                                                     batch_size=args.batch_size, subjects=[f.subject for f, _ in items],
-                                                     progress=not args.quiet, desc=name):
-            r = torch.tensor(rows)
-            sp = spos.cpu()
-            ok = sp >= 0
-            has_subj[r] = ok
-            flat = a.reshape(-1, a.shape[-1])
-            top_s, top_i = db.retrieve(flat)
-            windows = token_windows(qids).reshape(-1, db.words.shape[2])
-            index = top_i.reshape(valid.shape).cpu()
-            for g in gates:
-                fire = (g.fire(top_s, top_i, windows).reshape(valid.shape) & valid).cpu()
-                shares = same[index.clamp_min(0)] == same[owner[r]].unsqueeze(1)  # (b, t) same residual
-                own = fire & shares
-                at = sp.clamp_min(0).unsqueeze(1)
-                acc[g.name]["wrong"] += int((fire & ~own).sum())
-                acc[g.name]["any"][r] = own.any(dim=1)
-                acc[g.name]["subj"][r] = ok & own.gather(1, at).squeeze(1)
-                acc[g.name]["strict"][r] = ok & (fire & (index == owner[r].unsqueeze(1))).gather(1, at).squeeze(1)
-                # why the subject token missed: its top-1 shares its residual but is below the gate, or not
-                top_own = shares.gather(1, at).squeeze(1)
-                missed = ok & ~acc[g.name]["subj"][r]
-                acc[g.name]["miss_below"] += int((missed & top_own).sum())
-                acc[g.name]["miss_other"] += int((missed & ~top_own).sum())
-        for g in gates:
-            x = acc[g.name]
-            g.recall[name] = {"prompts": len(items), "recall_any": round(float(x["any"].float().mean()), 4),
-                              "recall_subject": round(float(x["subj"][has_subj].float().mean()), 4)
-                              if has_subj.any() else None,
-                              "recall_subject_own_id": round(float(x["strict"][has_subj].float().mean()), 4)
-                              if has_subj.any() else None,
-                              "subject_located": int(has_subj.sum()), "fires_on_other_facts": x["wrong"],
-                              "subject_misses": {"own_key_below_gate": x["miss_below"],
-                                                 "other_key_nearer": x["miss_other"]}}
-    report["gates"] = []
-    for g in gates:
-        g.worst.sort(reverse=True)
-        report["gates"].append({
-            "gate": g.name, "gamma": g.gamma, "calibrated": g.calibrated, "margin": g.margin, "word_check": g.word_check,
-            "false_fires": g.fires, "rate": g.fires / positions if positions else 0.0,
-            "fires_on_mentions": g.mentions, "fires_on_subject_words": g.words, "facts_firing": len(g.per_fact),
-            "worst": [{"score": round(sc, 4), "fact": fid, "subject": subj_of[fid], "token": tk, "passage": pr,
-                       "pos": ps} for sc, fid, tk, pr, ps in g.worst[: args.worst]],
-            **g.recall})
-    report["total_s"] = round(time.perf_counter() - t_start, 1)
-    return report
+                count_fire(g, tok, fid, subj_of[fid], passages[rows[b]], ids[b, : t + 1], float(scores[b, t]),
+                           passage=first + rows[b], pos=t)
+    return positions
 
 
-def render(report: dict[str, Any]) -> str:
-    u = report["unrelated"]
-    lines = [
-        f"model {report['model']}  layer {report['layer']}  bare_weight {report['bare_weight']}",
-        f"stored facts: {report['stored']} ({report['real_facts']} from {report['facts_source']}, "
-        f"{report['stored'] - report['real_facts']} generated; {report['skipped']} skipped); keys {report['keys_s']} s",
-    ]
-    if "calibration" in report:
-        c = report["calibration"]
-        lines.append(f"per-key thresholds: calibrated on {c['positions']} positions of {c['texts']} texts "
-                     f"({', '.join(c['text'])}), margins {c['margins']}; keys raised above gamma/margin: {c['raised']} "
-                     f"({c['seconds']} s)")
-    lines.append(f"unrelated text: {u['text']}, passages {u['passages']}, {u['positions']} gated positions")
-    for g in report["gates"]:
-        lines.append(f"[{g['gate']}]")
-        lines.append(f"  FALSE FIRES: {g['false_fires']}  rate {g['rate']:.6f}  ({g['facts_firing']} facts fired)")
-        lines.append(f"  not counted as false: {g['fires_on_mentions']} fires on passages that mention the fired "
-                     f"fact's subject, {g['fires_on_subject_words']} at a word of the subject")
-        for w in g["worst"]:
-            lines.append(f"    {w['score']:.4f}  {w['fact']:>20}  subject {w['subject']!r:32} token {w['token']!r} "
-                         f"(passage {w['passage']}, pos {w['pos']})")
-        for name in ("paraphrase", "edit_prompt"):
-            if name in g:
-                r = g[name]
-                subj = f"{r['recall_subject']:.4f}" if r["recall_subject"] is not None else "n/a"
-                strict = r.get("recall_subject_own_id")
-                strict = f"; own entry only {strict:.4f}" if strict is not None else ""
-                lines.append(f"  {name} recall: any position {r['recall_any']:.4f}, subject token {subj}{strict} "
-                             f"({r['prompts']} prompts; {r['fires_on_other_facts']} fires on other subjects' facts)")
-                m = r.get("subject_misses")
-                if m:
-                    lines.append(f"    subject-token misses: top-1 shares its residual but is below the gate "
-                                 f"{m['own_key_below_gate']}, another subject's key nearer {m['other_key_nearer']}")
-    lines.append(f"total {report['total_s']} s")
-    return "\n".join(lines)
+def count_fire(g: Gate, tok, fid: str, subject: str, text: str, ids: torch.Tensor, score: float, *,
+               passage: int, pos: int) -> None:
+    """File one fire of gate ``g`` at the last of ``ids``: on a passage that mentions the fact's
+    subject, at a word of the subject ("Mr. Henderson" for "Erin Henderson"), or a false fire."""
+    if subject.lower() in text.lower():
+        g.mentions += 1
+    elif fired_on_subject_word(tok, ids, subject):
+        g.words += 1
+    else:
+        g.fires += 1
+        g.per_fact[fid] = g.per_fact.get(fid, 0) + 1
+        g.worst.append((score, fid, tok.decode([int(ids[-1])]), passage, pos))
 
 
 def add_fire_rate_arguments(ap: argparse.ArgumentParser) -> None:
@@ -497,7 +266,7 @@ def run_fire_rate(args: argparse.Namespace) -> int:
     _check_arguments(args)
     report = run(args)
     if args.json:  # first: a long run's figures survive whatever happens to the printing
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_json(report, args.json)
     print(render(report))
     return 0
 
