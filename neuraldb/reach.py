@@ -82,13 +82,14 @@ def _reason(tokenizer: Any, db: Any, fact: Fact, text: str, row: int, cosines: l
     found: dict[str, Any] = {"text": text}
     mentions = mention_positions(tokenizer, fact.subject, text, words=db.words[row : row + 1], starts=db.word_starts)
     where = [p for p in mentions if p < len(cosines)] or range(len(cosines))
-    threshold = float(db.gate_thresholds()[row])
+    threshold = max(db.gamma, float(db.thresholds[row]))  # this key's gate_thresholds() entry alone
     if where:
         found |= {"cosine": round(max(cosines[p] for p in where), 3), "threshold": round(threshold, 3)}
     if text == fact.text:
         try:
             _, last = locate_subject(tokenizer, fact.prompt, fact.subject)
-            real = [i for i, t in enumerate(tokenizer(text)["input_ids"]) if t not in set(tokenizer.all_special_ids)]
+            special = set(tokenizer.all_special_ids)
+            real = [i for i, t in enumerate(tokenizer(text)["input_ids"]) if t not in special]
             if real and last == real[0]:
                 return {"reason": "subject_at_sink"} | found
         except FactError:
