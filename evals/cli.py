@@ -45,6 +45,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-word-check", dest="word_check", action="store_false",
                    help="the paper's gate: no word check (when editing: EditConfig(word_check=False); with "
                         "--store: the saved store's keys and residuals with its word check switched off)")
+    p.add_argument("--chat-residuals", action="store_true",
+                   help="when editing: also optimise each residual on the prompt asked as a chat turn "
+                        "(EditConfig(chat_residuals=True)), so the edit carries into chat use")
+    p.add_argument("--residual-dtype", default=None,
+                   help="when editing: optimise residuals on a copy of the model in this dtype, e.g. bfloat16 "
+                        "(EditConfig.residual_dtype); default: the model's own")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     p.add_argument("--edit-batch-size", type=int, default=128, help="facts optimised together when editing (default 128)")
     p.add_argument("--metrics", nargs="+", default=None,
@@ -99,6 +105,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, tok = neuraldb.load_model(args.model, dtype=args.dtype, device=args.device)
     load_s = time.perf_counter() - t0
     edit_s, unkeyable = None, []
+    if args.store and (args.chat_residuals or args.residual_dtype):
+        raise ValueError("--chat-residuals and --residual-dtype choose how an edit is made; with --store nothing "
+                         "is edited: drop them, or drop --store to edit")
     if args.store:
         db = neuraldb.NeuralDB.load(args.store, model=model)
         if args.gamma is not None:
@@ -112,7 +121,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"note: only {len(dataset)} cases available ({dataset.report.summary()}); "
                   "a larger split may be --split train")
         kw = {} if args.gamma is None else {"gamma": args.gamma}
-        config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, word_check=args.word_check, **kw)
+        config = neuraldb.EditConfig(layer=args.layer, batch_size=args.edit_batch_size, word_check=args.word_check,
+                                     chat_residuals=args.chat_residuals, residual_dtype=args.residual_dtype, **kw)
         dataset, unkeyable = editable_cases(dataset, tok, config)
         if unkeyable:
             print(f"note: {len(unkeyable)} fact(s) cannot be edited and are left out:\n  " + "\n  ".join(unkeyable))

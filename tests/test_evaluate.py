@@ -438,3 +438,35 @@ def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "evals.general", None)
     assert main(["evaluate", "--model", "no-such-model", "--general-tasks", "all"]) == 2
     assert "general_tasks needs evals.general" in capsys.readouterr().err
+
+
+def test_cli_evaluate_edit_options_reach_the_edit(tmp_path, capsys, monkeypatch):
+    """--chat-residuals / --residual-dtype make the edit's EditConfig; with --store (no edit) they are an error."""
+    from neuraldb.cli import main
+
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    records = [{"subject": f.subject, "src": f.text, "rephrase": f.paraphrases[0], "alt": "x",
+                "answers": [f.target_new], "loc": "the city of", "loc_ans": "london", "pred": "", "cond": ""}
+               for f in FACTS]
+    data = tmp_path / "z.json"
+    data.write_text(json.dumps(records))
+    seen = []
+    real_edit = neuraldb.edit
+
+    def edit(*a, config, **kw):
+        seen.append(config)
+        return real_edit(*a, config=config, **kw)
+
+    monkeypatch.setattr(neuraldb, "edit", edit)
+    base = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(data), "--n", "1", "--layer", "1",
+            "--metrics", "efficacy", "--quiet"]
+    assert main([*base, "--output-dir", str(tmp_path / "a"), "--chat-residuals", "--residual-dtype", "bfloat16"]) == 0
+    assert seen[-1].chat_residuals is True and seen[-1].residual_dtype == "bfloat16"
+    assert main([*base, "--output-dir", str(tmp_path / "b")]) == 0
+    assert seen[-1].chat_residuals is False and seen[-1].residual_dtype is None
+    capsys.readouterr()
+    store = str(tmp_path / "a" / "store.safetensors")
+    assert main([*base, "--store", store, "--chat-residuals"]) == 2
+    assert "with --store nothing is edited" in capsys.readouterr().err
