@@ -158,6 +158,9 @@ def save_release(
         raise ReleaseError(f"db must be a neuraldb.NeuralDB, got {type(db).__name__}")
     if len(db) == 0:
         raise ReleaseError("the store is empty: a release needs at least one fact")
+    if not db.fingerprint:
+        raise ReleaseError("the store has no layer fingerprint (field 'fingerprint' is empty), so a release could "
+                           "not pin its base model; release a store written by neuraldb.edit")
     if target.exists() and not target.is_dir():
         raise ReleaseError(f"{target} exists and is not a folder; choose another release folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:

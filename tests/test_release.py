@@ -289,3 +289,12 @@ def test_stale_temporaries_of_a_live_save_or_of_others_are_kept(base, tmp_path):
         folder_.mkdir()
     neuraldb.save_release(target, folder, db)
     assert live.is_dir() and dead_other.is_dir() and mine.is_dir()
+
+
+def test_a_store_without_fingerprint_is_not_released(base, tmp_path):
+    folder, model, tok, db = base
+    blank = db.head(len(db))
+    blank.fingerprint = ""
+    with pytest.raises(ReleaseError, match="'fingerprint' is empty"):
+        neuraldb.save_release(tmp_path / "r", folder, blank)
+    assert not (tmp_path / "r").exists()
