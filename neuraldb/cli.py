@@ -226,7 +226,8 @@ def _edit_plan(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else checkpoint_path(out)
     if ckpt.resolve() == out.resolve():
-        raise ValueError(f"--checkpoint {ckpt} is the --out file; leave --checkpoint out (default {checkpoint_path(out)})")
+        raise ValueError(f"--checkpoint {ckpt} is the --out file; leave --checkpoint out "
+                         f"(default {checkpoint_path(out)})")
     resuming = args.resume and ckpt.exists()
     if ckpt.exists() and not args.resume:
         raise ValueError(f"{ckpt} is the checkpoint of an unfinished run: pass --resume to continue it (same "
