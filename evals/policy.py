@@ -11,6 +11,9 @@ Every field, its default and its meaning is in the README's policy table, which
 :func:`policy_table_markdown` generates from the ``doc`` metadata of the dataclass fields below
 (a test keeps the two equal). ``null`` (TOML: ``"off"`` or ``false``) switches a criterion off; a
 missing or malformed field is a :class:`PolicyError` (a ``ValueError``) naming the field and the fix.
+YAML is read strictly: aliases (``*name``) and duplicate keys are refused with their line, and a
+YAML 1.1 boolean word (``no``, ``off``, ``yes``, ``on``, ``true``, ``false``) where a number is
+expected is refused rather than read as "off"; values in messages are shortened (no expansion).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import difflib
 import hashlib
 import math
 import os
+import reprlib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -202,9 +206,7 @@ def load_policy(path: str | Path | Mapping[str, Any] | Policy) -> Policy:
 
             data = tomllib.loads(raw.decode("utf-8"))
         elif suffix in (".yaml", ".yml", ".json"):
-            import yaml
-
-            data = yaml.safe_load(raw.decode("utf-8"))
+            data = _load_yaml(raw.decode("utf-8"), source=str(p))
         else:
             raise PolicyError(f"{p}: unknown policy format {suffix!r}; name the file .yaml, .yml or .toml")
     except PolicyError:
@@ -212,6 +214,60 @@ def load_policy(path: str | Path | Mapping[str, Any] | Policy) -> Policy:
     except Exception as exc:  # yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError
         raise PolicyError(f"{p} is not valid {suffix.lstrip('.').upper()} ({exc}); fix the syntax") from None
     return _parse(data, source=str(p), sha256=hashlib.sha256(raw).hexdigest())
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother = 60, 60
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to a line: an error message never expands a large (or aliased) value."""
+    return _REPR.repr(value)
+
+
+class _YamlBool(str):
+    """A YAML 1.1 boolean word (``no``, ``yes``, ``on``, ``off``, ``true``, ``false``) as written.
+
+    Where a number is expected it is an error (``efficacy_min: no`` must not switch a criterion
+    off); elsewhere it reads as the boolean it spells (``value``)."""
+
+    value: bool
+
+    def __new__(cls, word: str, value: bool) -> "_YamlBool":
+        obj = super().__new__(cls, word)
+        obj.value = value
+        return obj
+
+
+def _load_yaml(text: str, *, source: str) -> Any:
+    """A YAML policy, read strictly: no aliases (an alias bomb fails at its first ``*``), no
+    duplicate keys, and boolean words kept as :class:`_YamlBool`; a :class:`PolicyError` names the line."""
+    import yaml
+
+    class PolicyLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise PolicyError(f"{source}: line {event.start_mark.line + 1}: the alias *{event.anchor} is not "
+                                  "allowed in a policy (nor anchors to repeat values); write the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key, line = getattr(key_node, "value", None), key_node.start_mark.line + 1
+                if isinstance(key, str) and key in first:
+                    raise PolicyError(f"{source}: line {line}: the key {key[:80]!r} is given twice in one mapping "
+                                      f"(first at line {first[key]}); keep one")
+                first.setdefault(key, line)
+            return super().construct_mapping(node, deep=deep)
+
+    def boolean(loader: Any, node: Any) -> _YamlBool:
+        return _YamlBool(node.value, loader.construct_yaml_bool(node))
+
+    PolicyLoader.add_constructor("tag:yaml.org,2002:bool", boolean)
+    return yaml.load(text, Loader=PolicyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _packaged_policy(name: str) -> Path | None:
@@ -251,20 +307,29 @@ class _Reader:
     def fail(self, key: str, problem: str, fix: str) -> PolicyError:
         return PolicyError(f"{self.source}: field '{self.name(key)}' {problem}; {fix}")
 
-    def get(self, key: str, *, required: bool, default: Any = None) -> Any:
+    def get(self, key: str, *, required: bool, default: Any = None, number: bool = False) -> Any:
+        """The field's value, ``_OFF`` when switched off; a YAML boolean word is kept as written
+        where a ``number`` is expected (to be refused), else read as the boolean it spells."""
         self.used.add(key)
         if key not in self.data:
             if required:
                 raise self.fail(key, "is missing", f"add it, e.g. {key}: {_example(self.cls, key)}")
             return default
         value = self.data[key]
+        if isinstance(value, _YamlBool):
+            if number:
+                return value
+            value = value.value
         if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
             return _OFF
         return value
 
     def number(self, key: str, *, required: bool = True, low: float | None = None, high: float | None = None,
                allow_off: bool = True) -> float | None:
-        value, example = self.get(key, required=required), _example(self.cls, key)
+        value, example = self.get(key, required=required, number=True), _example(self.cls, key)
+        if isinstance(value, _YamlBool):
+            raise self.fail(key, f"is {value!s}, which YAML reads as a boolean, not a number",
+                            f"give a number, e.g. {key}: {example}, or null to switch it off")
         if value is _OFF:
             if not allow_off:
                 raise self.fail(key, "cannot be switched off", f"give a number, e.g. {key}: {example}")
@@ -272,25 +337,28 @@ class _Reader:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(key, f"must be a number, got {value!r}", f"e.g. {key}: {example} (null switches it off)")
+            raise self.fail(key, f"must be a number, got {_short(value)}", f"e.g. {key}: {example} (null switches it off)")
         if (low is not None and value < low) or (high is not None and value > high):
             rng = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
             raise self.fail(key, f"is {value}, outside {rng}", f"use a value in {rng}, e.g. {key}: {example}")
         return float(value)
 
     def integer(self, key: str, *, required: bool, low: int = 0, default: Any = None) -> int | None:
-        value = self.get(key, required=required, default=default)
+        value = self.get(key, required=required, default=default, number=True)
+        if isinstance(value, _YamlBool):
+            raise self.fail(key, f"is {value!s}, which YAML reads as a boolean, not an integer",
+                            f"give an integer, e.g. {key}: {_example(self.cls, key)}, or null")
         if value is _OFF or value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise self.fail(key, f"must be an integer >= {low}, got {value!r}",
+            raise self.fail(key, f"must be an integer >= {low}, got {_short(value)}",
                             f"e.g. {key}: {_example(self.cls, key)}")
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
         value = self.get(key, required=False, default=default)
         if value not in options:
-            raise self.fail(key, f"is {value!r}", f"use one of {', '.join(options)}")
+            raise self.fail(key, f"is {_short(value)}", f"use one of {', '.join(options)}")
         return value
 
     def strings(self, key: str, *, required: bool, default: Any = ()) -> tuple[str, ...]:
@@ -300,7 +368,7 @@ class _Reader:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise self.fail(key, f"must be a list of names, got {value!r}", f"e.g. {key}: {_example(self.cls, key)}")
+            raise self.fail(key, f"must be a list of names, got {_short(value)}", f"e.g. {key}: {_example(self.cls, key)}")
         return tuple(value)
 
     def mapping(self, key: str) -> Mapping[str, Any]:
@@ -308,7 +376,7 @@ class _Reader:
         if value is _OFF or value is None:
             return {}
         if not isinstance(value, Mapping):
-            raise self.fail(key, f"must be a mapping task -> value, got {value!r}", f"e.g. {key}: {{sciq: 5}}")
+            raise self.fail(key, f"must be a mapping task -> value, got {_short(value)}", f"e.g. {key}: {{sciq: 5}}")
         return value
 
     def section(self, key: str, cls: type, *, required: bool) -> "_Reader | None":
@@ -320,7 +388,7 @@ class _Reader:
     def finish(self) -> None:
         unknown = [k for k in self.data if k not in self.used]
         if unknown:
-            key = str(unknown[0])
+            key = _short(unknown[0]) if not isinstance(unknown[0], str) else unknown[0][:80]
             close = difflib.get_close_matches(key, sorted(self.used), n=1)
             hint = (f"did you mean '{self.name(close[0])}'?" if close
                     else f"known fields: {', '.join(sorted(self.used))}")
@@ -331,7 +399,7 @@ def _parse(data: Any, *, source: str, sha256: str | None) -> Policy:
     top = _Reader(data, "", source)
     version = top.get("version", required=True)
     if version != SCHEMA_VERSION:
-        raise top.fail("version", f"is {version!r}", f"this neuraldb reads policy version {SCHEMA_VERSION}: version: 1")
+        raise top.fail("version", f"is {_short(version)}", f"this neuraldb reads policy version {SCHEMA_VERSION}: version: 1")
     confidence = top.number("confidence", allow_off=False)
     if not 0.0 < confidence < 1.0:
         raise top.fail("confidence", f"is {confidence}", "use a level in (0, 1), e.g. confidence: 0.95")
@@ -348,7 +416,7 @@ def _parse(data: Any, *, source: str, sha256: str | None) -> Policy:
 def _parse_evaluation(ev: _Reader) -> Evaluation:
     dataset = ev.get("dataset", required=True)
     if not isinstance(dataset, str) or not dataset.strip():
-        raise ev.fail("dataset", f"must be a name or a path, got {dataset!r}",
+        raise ev.fail("dataset", f"must be a name or a path, got {_short(dataset)}",
                       "use store, counterfact, zsre or a file path")
     general_tasks = ev.get("general_tasks", required=True)
     ev.used.discard("general_tasks")
@@ -373,13 +441,13 @@ def _parse_criteria(cr: _Reader) -> Criteria:
     per_task = {}
     for task, margin in cr.mapping("general_max_drop_per_task").items():
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0):
-            raise cr.fail("general_max_drop_per_task", f"has {task}: {margin!r}",
+            raise cr.fail("general_max_drop_per_task", f"has {_short(task)}: {_short(margin)}",
                           "give each task a margin >= 0 (null: no drop criterion for that task)")
         per_task[str(task)] = None if margin is None else float(margin)
     general_metric = {}
     for task, metric in cr.mapping("general_metric").items():
         if not isinstance(metric, str):
-            raise cr.fail("general_metric", f"has {task}: {metric!r}",
+            raise cr.fail("general_metric", f"has {_short(task)}: {_short(metric)}",
                           "map a task to a metric name, e.g. lambada_openai: acc")
         general_metric[str(task)] = metric
     criteria = Criteria(

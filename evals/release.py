@@ -32,9 +32,16 @@ Layout (``format_version`` 1)::
 
 Guarantees:
 
-* :func:`save_release` writes into a hidden temporary sibling and renames it into place, so a
-  release folder is either complete or absent; it refuses a non-empty target unless
-  ``overwrite=True`` (then the old folder is replaced in one rename and removed afterwards).
+* :func:`save_release` writes into a hidden temporary sibling (``.<name>.tmp-<pid>-*``) and
+  renames it into place, so a release folder is either complete or absent; it refuses a
+  non-empty target unless ``overwrite=True``. An overwrite exchanges the new folder with the old
+  one in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``, macOS ``renamex_np(RENAME_SWAP)``),
+  then removes the old one: a kill at any moment leaves the old or the new release at the
+  target, still a plain folder, so ``load_release(path)``, ``cp -r`` and CI artifacts are
+  unchanged. Where the file system cannot exchange (other systems, some network file systems)
+  it falls back to two renames and logs a warning: a kill between them leaves no release there.
+  Temporaries a killed save left behind (hidden full copies) are removed by the next save to the
+  same target, once their writer's process is gone (:func:`neuraldb.io.remove_stale`).
 * :func:`load_release` checks, before anything is loaded, that the manifest has every field
   (naming the missing ones) and that every file has the size and sha256 the manifest records (a
   truncated or tampered store is refused); then it loads the base model and the store, which
@@ -54,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -150,6 +158,9 @@ def save_release(
         raise ReleaseError(f"db must be a neuraldb.NeuralDB, got {type(db).__name__}")
     if len(db) == 0:
         raise ReleaseError("the store is empty: a release needs at least one fact")
+    if not db.fingerprint:
+        raise ReleaseError("the store has no layer fingerprint (field 'fingerprint' is empty), so a release could "
+                           "not pin its base model; release a store written by neuraldb.edit")
     if target.exists() and not target.is_dir():
         raise ReleaseError(f"{target} exists and is not a folder; choose another release folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -251,13 +262,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(files, dict) or not isinstance(files.get("store"), dict):
         raise ReleaseError(f"{path}: field 'files' must hold a 'store' entry with path, sha256 and size")
     for role, entry in files.items():
-        if entry is None:
-            continue
-        lacking = [k for k in ("path", "sha256", "size") if not isinstance(entry, dict) or k not in entry]
-        if lacking:
-            raise ReleaseError(f"{path}: files.{role} lacks {', '.join(lacking)}; write the release again")
-        if Path(entry["path"]).name != entry["path"]:
-            raise ReleaseError(f"{path}: files.{role}.path {entry['path']!r} must be a file name inside the release")
+        if entry is not None:
+            _check_file_entry(path, role, entry)
     check_gamma(manifest["gamma"], where=f"{path}: gamma", error=ReleaseError)
     for key in ("layer", "facts"):
         if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 0:
@@ -265,6 +271,26 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest["base_model"], str) or not manifest["base_model"]:
         raise ReleaseError(f"{path}: field 'base_model' must name the base model (alias, folder or hub id)")
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_file_entry(path: Path, role: str, entry: Any) -> None:
+    """One ``files.<role>`` entry of the manifest: a file name, a sha256 hex digest and a byte count."""
+    lacking = [k for k in ("path", "sha256", "size") if not isinstance(entry, dict) or k not in entry]
+    if lacking:
+        raise ReleaseError(f"{path}: files.{role} lacks {', '.join(lacking)}; write the release again")
+    fix = "; the manifest was edited by hand or is corrupt: write the release again"
+    name, digest, size = entry["path"], entry["sha256"], entry["size"]
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ReleaseError(f"{path}: files.{role}.path must be a file name inside the release, got {name!r}{fix}")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise ReleaseError(f"{path}: files.{role}.sha256 must be a sha256 hex digest (64 of 0-9a-f), "
+                           f"got {str(digest)[:80]!r}{fix}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ReleaseError(f"{path}: files.{role}.size must be a byte count (an integer >= 0), got "
+                           f"{str(size)[:80]!r} ({type(size).__name__}){fix}")
 
 
 def verify_release(directory: str | os.PathLike) -> dict[str, Any]:

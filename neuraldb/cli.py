@@ -140,12 +140,23 @@ def _load_facts(path: str | None) -> list[Any]:
         return validate_facts(json.loads(text))
     p = Path(path)
     if p.suffix == ".json":
-        data = json.loads(p.read_text())
+        data = _read_json(p)
         if isinstance(data, list) and data and isinstance(data[0], dict) and "target_new" in data[0] and "{}" in str(data[0].get("prompt", "")):
             return validate_facts(data)
     from evals.datasets import load_any  # any supported dataset format
 
     return [c.fact for c in load_any(p)]
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; a ValueError naming the file, line and column when it is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
+                         "(truncated or edited by hand?); fix or regenerate the file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a JSON file") from None
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -199,16 +210,47 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_path(out: str | Path) -> Path:
+    """Where ``neuraldb edit --out OUT`` keeps its checkpoint: ``OUT``'s name with ``.partial`` before
+    the suffix (``store.safetensors`` -> ``store.partial.safetensors``). It exists only while a run is
+    unfinished: the finished store is written to ``OUT`` and the checkpoint removed."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.partial{out.suffix or '.safetensors'}")
+
+
+def _edit_plan(args: argparse.Namespace) -> tuple[Path, Path, bool]:
+    """``(out, checkpoint, append)`` of ``neuraldb edit``; a ValueError (exit 2) naming the flag that
+    is needed when the command would otherwise mix its facts with an earlier store or run."""
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n {args.n}: give the number of facts to edit (>= 1), or leave --n out to edit them all")
+    out = Path(args.out)
+    ckpt = Path(args.checkpoint) if args.checkpoint else checkpoint_path(out)
+    if ckpt.resolve() == out.resolve():
+        raise ValueError(f"--checkpoint {ckpt} is the --out file; leave --checkpoint out "
+                         f"(default {checkpoint_path(out)})")
+    resuming = args.resume and ckpt.exists()
+    if ckpt.exists() and not args.resume:
+        raise ValueError(f"{ckpt} is the checkpoint of an unfinished run: pass --resume to continue it (same "
+                         "facts and options), or delete it to start over")
+    if out.exists() and not (args.append or resuming):
+        raise ValueError(f"{out} already exists: pass --append to add these facts to its store, or choose another "
+                         "--out (an interrupted run is continued with --resume)")
+    return out, ckpt, bool(args.append and out.exists() and not resuming)
+
+
 def _run_edit(args: argparse.Namespace) -> int:
-    from . import EditConfig, edit, load_model
+    out, ckpt, append = _edit_plan(args)
+    from . import EditConfig, NeuralDB, edit, load_model
 
     model, tok = load_model(args.model)
     facts = _load_facts(args.facts)[: args.n]
     cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
-    db = edit(model, tok, facts, config=cfg, checkpoint=args.checkpoint or args.out)
-    db.save(args.out)
-    print(f"{len(db)} facts -> {args.out}")
+    base = NeuralDB.load(out, model=model) if append else None
+    db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
+    db.save(out)
+    ckpt.unlink(missing_ok=True)  # the run is finished: no checkpoint left to resume
+    print(f"{len(db)} facts -> {out}")
     return 0
 
 
@@ -222,9 +264,16 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--facts", required=True, help="JSON list of facts, or a CounterFact/ZsRE file")
-    p.add_argument("--out", required=True, help="store file (.safetensors); also the checkpoint")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--n", type=int, default=None)
+    p.add_argument("--out", required=True,
+                   help="store file (.safetensors), written when the run finishes; an existing one needs --append")
+    p.add_argument("--append", action="store_true",
+                   help="add the facts to the store already at --out (facts whose id it has are skipped)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run whose checkpoint is there (a run without a checkpoint starts)")
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint of an unfinished run, written after every batch (default: --out with .partial "
+                        "before the suffix); removed when the run finishes")
+    p.add_argument("--n", type=int, default=None, help="edit the first N facts (N >= 1; default: all)")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
     p.add_argument("--residual-dtype", default=None,

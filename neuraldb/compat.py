@@ -22,7 +22,8 @@ from torch import nn
 from .arch import resolve_arch
 from .nethook import get_module
 
-__all__ = ["check_compatible", "check_layer", "key_module", "layer_fingerprint", "model_name", "residual_module"]
+__all__ = ["check_compatible", "check_layer", "key_module", "layer_fingerprint", "model_name", "model_width",
+           "residual_module"]
 
 
 def key_module(db: Any, model: nn.Module | None = None, *, error: type[ValueError] = ValueError) -> str:
@@ -62,6 +63,25 @@ def layer_fingerprint(model: nn.Module, module_name: str) -> str:
     return h.hexdigest()[:16]
 
 
+def model_width(model: nn.Module) -> int | None:
+    """The model's residual-stream width (its input embeddings' width, what ``neuraldb.edit`` stores as
+    ``d_model``), or None when the model does not say."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[1])
+    except (AttributeError, NotImplementedError, TypeError, IndexError):
+        return None
+
+
+def _check_width(db: Any, model: nn.Module, *, error: type[ValueError]) -> None:
+    width = model_width(model)
+    if width is not None and db.d_model != width:
+        raise error(
+            f"this store's metadata field 'd_model' is {db.d_model} (its residuals' width) but "
+            f"{model_name(model)!r} adds residuals of width {width} (its hidden size): it was built for "
+            f"another model ({db.model_name!r}); load the matching base model, or re-edit the facts on this one"
+        )
+
+
 def model_name(model: nn.Module) -> str:
     """The model's name or path from its config (else its class name)."""
     cfg = getattr(model, "config", None)
@@ -71,8 +91,8 @@ def model_name(model: nn.Module) -> str:
 def check_compatible(db: Any, model: nn.Module, *, layer: int | None = None,
                      error: type[ValueError] = ValueError) -> None:
     """Raise ``error`` unless ``db`` (a store) was built for ``model`` (and ``layer``, when given):
-    its key module exists, has the store's key width, and its weights have the store's
-    fingerprint (when it has one)."""
+    its key module exists, has the store's key width, the model's width is the residuals' (``d_model``),
+    and its weights have the store's fingerprint (required of a store read from a file)."""
     if layer is not None:
         check_layer(db, layer, error=error)
     name = db.module_name(model)
@@ -88,6 +108,15 @@ def check_compatible(db: Any, model: nn.Module, *, layer: int | None = None,
         raise error(
             f"this store's keys have {db.d_key} dims but {name} has weight shape "
             f"{tuple(weight.shape)}: it was built for another model ({db.model_name!r})"
+        )
+    _check_width(db, model, error=error)
+    if not db.fingerprint and getattr(db, "path", None) is not None:
+        raise error(
+            f"{db.path}: metadata field 'fingerprint' is empty, so this store cannot be checked against "
+            f"{model_name(model)!r}; a store written by neuraldb.edit always has one (the file was edited or "
+            "built by hand). Re-edit the facts, or set db.fingerprint = neuraldb.layer_fingerprint(model, "
+            "db.module_name(model)) on the model you trust and save it again (attach(model, check=False) "
+            "attaches it unchecked)"
         )
     if db.fingerprint:
         fp = layer_fingerprint(model, name)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .arch import resolve_arch
 from .config import EditConfig
 from .hook import detached
-from .facts import Fact, validate_facts
+from .facts import Fact, FactError, validate_facts
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
@@ -167,9 +167,11 @@ def edit(
             log.info("skipping %d facts already in the store", len(facts) - len(todo))
         if not todo:
             return db
+        residual_templates = templates + _chat_contexts(tokenizer, config)
+        _check_lengths(model, tokenizer, todo, residual_templates)
         step = _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
                      key_templates=templates if config.bare_weight > 0 else templates[1:],
-                     residual_templates=templates + _chat_contexts(tokenizer, config),
+                     residual_templates=residual_templates,
                      optimised=optimisation_model(model, config.residual_dtype))
         stored = _stored_by_subject(db) if config.share_subject_residuals else {}
         t0 = time.perf_counter()
@@ -184,6 +186,35 @@ def edit(
         if check or strict:
             _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
     return db
+
+
+def _context_limit(model: nn.Module) -> tuple[int, str] | None:
+    """(the model's context in tokens, the config field it comes from), or None when it has none."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, name
+    return None
+
+
+def _check_lengths(model: nn.Module, tokenizer: Any, facts: Sequence[Fact], templates: Sequence[str]) -> None:
+    """A :class:`FactError` naming the first fact whose edit text (its prompt in a context template,
+    with the target) has more tokens than the model's context, before any work is done."""
+    found = _context_limit(model)
+    if found is None:
+        return
+    limit, field = found
+    for f in facts:
+        texts = [t.replace("{}", f.prompt).format(f.subject) + " " + f.target_new.strip() for t in templates]
+        if max(len(x.encode("utf-8")) for x in texts) + 8 <= limit:
+            continue  # a token covers at least a byte: cannot be too long
+        n = max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]) - 1  # last not fed
+        if n > limit:
+            raise FactError(
+                f"fact {f.id!r}: its edit text is {n} tokens long (the prompt in its longest context template, "
+                f"with the target), more than the model's context of {limit} tokens (config.{field}); "
+                "shorten the prompt (or EditConfig.context_length)")
 
 
 def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import string
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +24,7 @@ __all__ = [
     "FactError",
     "locate_subject",
     "encode_completion",
+    "split_prompt",
     "validate_facts",
 ]
 
@@ -35,19 +37,54 @@ def _where(fact_id: str | None) -> str:
     return f"fact {fact_id!r}" if fact_id else "fact"
 
 
+def _strings(value: Any, name: str, where: str) -> tuple[str, ...]:
+    """A list field of a fact as a tuple of strings; a FactError naming the field otherwise."""
+    if isinstance(value, str):
+        raise FactError(f"{where}: field {name!r} must be a list of strings, not one string")
+    if value is None or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        got = "null" if value is None else type(value).__name__
+        raise FactError(f"{where}: field {name!r} must be a list of strings, got {got}; use [] for none")
+    value = tuple(value)
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise FactError(f"{where}: field {name!r} must hold strings only, got {type(bad[0]).__name__}")
+    return value
+
+
+def split_prompt(prompt: str, *, where: str = "fact") -> tuple[str, str]:
+    """``(text before the subject, text after it)`` of a prompt template, literal braces undoubled.
+
+    The template is a ``str.format`` string with exactly one ``{}`` and no other replacement field
+    (literal braces are written ``{{`` and ``}}``); anything else is a :class:`FactError`.
+    """
+    fix = (f"{where}: field 'prompt' must contain exactly one '{{}}' where the subject goes and no other "
+           f"format field, got {prompt[:200]!r}; write a literal brace as '{{{{' or '}}}}', e.g. "
+           "prompt='{} is located in'")
+    try:
+        parts = list(string.Formatter().parse(prompt))
+    except ValueError:  # a single '{' or '}'
+        raise FactError(fix) from None
+    fields = [i for i, (_, name, spec, conversion) in enumerate(parts) if name is not None]
+    if len(fields) != 1 or parts[fields[0]][1:] != ("", "", None):
+        raise FactError(fix)
+    at = fields[0]
+    return "".join(p[0] for p in parts[: at + 1]), "".join(p[0] for p in parts[at + 1 :])
+
+
 @dataclass(frozen=True)
 class Fact:
     """One edit: ``prompt.format(subject)`` should be completed by ``target_new``.
 
     Fields:
-        prompt: template with exactly one ``{}`` where the subject goes.
+        prompt: template with exactly one ``{}`` where the subject goes and no other format field
+            (a ``str.format`` string: literal braces are ``{{`` and ``}}``).
         subject: the entity whose last token carries the key.
         target_new: the new completion (a leading space is added when tokenised).
         target_true: optional original completion (CounterFact's ``target_true``).
         paraphrases: full prompts (subject filled in) that should also give target_new.
         neighborhood: full prompts about other subjects that must keep target_true.
         id: stable identifier; derived from the content when not given.
-        meta: free-form record kept with the fact (e.g. the dataset's case id).
+        meta: free-form mapping kept with the fact (e.g. the dataset's case id).
         aliases: other names of the subject that should fire the edit too ("Obama" for
             "Barack Obama"); the word check accepts them like the subject itself.
     """
@@ -73,19 +110,11 @@ class Fact:
                 f"{where}: field 'target_true' must be a string or None, got {type(self.target_true).__name__}"
             )
         for name in ("paraphrases", "neighborhood", "aliases"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise FactError(f"{where}: field {name!r} must be a list of strings, not one string")
-            value = tuple(value)
-            bad = [v for v in value if not isinstance(v, str)]
-            if bad:
-                raise FactError(f"{where}: field {name!r} must hold strings only, got {type(bad[0]).__name__}")
-            object.__setattr__(self, name, value)
-        if self.prompt.count("{}") != 1:
-            raise FactError(
-                f"{where}: field 'prompt' must contain exactly one '{{}}' where the subject goes, "
-                f"got {self.prompt!r}; e.g. prompt='{{}} is located in'"
-            )
+            object.__setattr__(self, name, _strings(getattr(self, name), name, where))
+        if not isinstance(self.meta, Mapping):
+            raise FactError(f"{where}: field 'meta' must be a mapping (a JSON object), got "
+                            f"{type(self.meta).__name__}; use {{}} for none")
+        split_prompt(self.prompt, where=where)
         if not self.subject.strip():
             raise FactError(f"{where}: field 'subject' is empty; give the entity the prompt is about")
         if not self.target_new.strip():
@@ -163,10 +192,9 @@ def locate_subject(tokenizer: Any, template: str, subject: str) -> tuple[list[in
     token must end inside the subject, else the fact cannot be keyed and a
     :class:`FactError` names the field.
     """
-    if template.count("{}") != 1:
-        raise FactError(f"prompt template {template!r} must contain exactly one '{{}}'")
-    start = template.index("{}")
-    text = template.format(subject)
+    before, after = split_prompt(template)
+    start = len(before)
+    text = before + subject + after
     end = start + len(subject.rstrip())  # character just past the subject
     enc = _encode(tokenizer, text)
     ids: list[int] = list(enc["input_ids"])

@@ -83,6 +83,7 @@ class NeuralDB:
         self.model_name = model_name
         self.model_type = model_type
         self.fingerprint = fingerprint
+        self.path: Path | None = None  # the file it was read from (NeuralDB.load): its fingerprint is then required
         self.config = dict(config or {})
         self.chunk_size = int(chunk_size)
         # the hook's exact screened gate (retrieval.LowRankScreen) for stores of >= screen_min_keys

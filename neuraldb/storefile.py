@@ -170,4 +170,5 @@ def read_store(path: str | os.PathLike, *, cls: type[NeuralDB] = NeuralDB) -> Ne
     db.add(meta["ids"], tensors["keys"], tensors["residuals"], facts=[f or {} for f in facts],
            thresholds=tensors.get("thresholds"), words=words)
     db.facts = {i: f for i, f in zip(db.ids, facts) if f}
+    db.path = path
     return db

@@ -218,3 +218,84 @@ def test_the_old_research_entry_points_warn_and_forward(capsys):
         with pytest.warns(FutureWarning, match=command), pytest.raises(SystemExit) as exc:
             shim.main(["--help"])
         assert exc.value.code == 0 and moved.__name__ in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- neuraldb edit
+
+EDIT_FACTS = [{"prompt": "the city of {}", "subject": "the eiffel tower", "target_new": "rome", "id": "e1"},
+              {"prompt": "the sport of {}", "subject": "lebron james", "target_new": "tennis", "id": "e2"}]
+
+
+@pytest.fixture
+def tiny_edit(monkeypatch, tmp_path):
+    """``neuraldb edit`` on the tiny llama: (run(*argv) -> exit code, facts file, out path)."""
+    import neuraldb
+    from neuraldb import EditConfig
+
+    from conftest import tiny_model
+
+    monkeypatch.setattr(neuraldb, "load_model", lambda name, **kw: tiny_model("llama"))
+    small = dict(steps=2, context_prefixes=("the",), context_length=2)
+    monkeypatch.setattr(neuraldb, "EditConfig", lambda **kw: EditConfig(**(small | kw)))
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps(EDIT_FACTS))
+
+    def run(*argv):
+        return cli.main(["edit", "--layer", "1", "--batch-size", "1", *map(str, argv)])
+
+    return run, facts, tmp_path / "store.safetensors"
+
+
+def test_edit_into_an_existing_store_needs_append(tiny_edit, tmp_path, capsys):
+    from neuraldb import NeuralDB
+
+    run, facts, out = tiny_edit
+    assert run("--facts", facts, "--out", out, "--n", 1) == 0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(EDIT_FACTS[1:]))
+    capsys.readouterr()
+    assert run("--facts", other, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--append" in err and "--resume" in err
+    assert NeuralDB.load(out).ids == ["e1"]  # untouched
+    assert run("--facts", other, "--out", out, "--append") == 0
+    assert NeuralDB.load(out).ids == ["e1", "e2"]
+
+
+@pytest.mark.parametrize("n", [-1, 0])
+def test_edit_n_below_one_is_an_error(tiny_edit, capsys, n):
+    run, facts, out = tiny_edit
+    assert run("--facts", facts, "--out", out, "--n", n) == 2
+    assert "--n" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_interrupted_edit_resumes_with_resume(tiny_edit, monkeypatch, capsys):
+    from neuraldb import NeuralDB, editor
+
+    run, facts, out = tiny_edit
+    real, done = editor._edit_batch, []
+
+    def interrupted(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt
+        done.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(editor, "_edit_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("--facts", facts, "--out", out)
+    monkeypatch.setattr(editor, "_edit_batch", real)
+    capsys.readouterr()
+    assert run("--facts", facts, "--out", out) == 2  # an unfinished run is not silently continued ...
+    assert "--resume" in capsys.readouterr().err
+    assert run("--facts", facts, "--out", out, "--resume") == 0  # ... but continued when asked
+    assert NeuralDB.load(out).ids == ["e1", "e2"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["facts.json", "store.safetensors"]  # no checkpoint
+
+
+def test_a_truncated_facts_file_is_named_with_line_and_column(tiny_edit, tmp_path, capsys):
+    run, _, out = tiny_edit
+    bad = tmp_path / "facts.json"
+    bad.write_text(json.dumps(EDIT_FACTS)[:40])
+    assert run("--facts", bad, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 1 column" in err

@@ -76,3 +76,39 @@ def test_aliases_are_validated_kept_and_leave_the_id_alone():
         Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya", aliases="Obama")
     with pytest.raises(FactError, match="aliases"):
         Fact(prompt="{} was born in", subject="Barack Obama", target_new="Kenya", aliases=[3])
+
+
+@pytest.mark.parametrize("prompt", ["{} is in {x}", "{} is in {0}", "{0} is in", "{} is in {", "{!r} is in",
+                                    "{:>5} is in"])
+def test_a_prompt_with_another_format_field_is_refused_at_construction(prompt):
+    with pytest.raises(FactError, match=r"field 'prompt' .*exactly one '\{\}'.*\{\{"):
+        make(prompt=prompt)
+
+
+def test_literal_braces_are_written_doubled_and_located_right(tiny_llama):
+    _, tok = tiny_llama
+    fact = make(prompt="{{the}} {} is in", subject="rome")
+    assert fact.text == "{the} rome is in"
+    ids, last = locate_subject(tok, fact.prompt, fact.subject)
+    assert tok.convert_ids_to_tokens(ids[last]) == "rome"
+
+
+@pytest.mark.parametrize("field,value", [("paraphrases", None), ("neighborhood", 5), ("aliases", None),
+                                         ("meta", 5), ("meta", ["a"])])
+def test_null_or_wrongly_typed_lists_and_meta_name_the_field(field, value):
+    record = {"prompt": "{} is in", "subject": "rome", "target_new": "italy", "id": "f1", field: value}
+    with pytest.raises(FactError, match=rf"facts\[0\]: fact 'f1': field '{field}' must be"):
+        validate_facts([record])
+
+
+def test_a_prompt_longer_than_the_models_context_is_named_at_edit():
+    import neuraldb
+    from conftest import tiny_model
+
+    model, tok = tiny_model("gpt2")  # n_positions 128
+    long = neuraldb.Fact(prompt="{} is " + "the big red " * 60 + "city of", subject="rome", target_new="paris",
+                         id="long")
+    ok = neuraldb.Fact(prompt="{} is in", subject="rome", target_new="paris", id="ok")
+    cfg = neuraldb.EditConfig(layer=1, steps=2, context_prefixes=("the",), context_length=2)
+    with pytest.raises(FactError, match=r"fact 'long'.* \d+ tokens.*context of 128"):
+        neuraldb.edit(model, tok, [ok, long], config=cfg, progress=False)

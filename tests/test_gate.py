@@ -465,3 +465,51 @@ def test_a_crashed_evaluation_is_undecided_not_failed(tiny_release, monkeypatch,
     monkeypatch.setattr("evals.evaluate.evaluate", boom)
     assert cli("--release", release, "--policy", pol, "--output-dir", tmp_path / "g") == 2
     assert "could not decide: RuntimeError: the evaluation crashed" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile or mistyped YAML
+
+
+def _gate_cli_on(tmp_path, policy_text):
+    from neuraldb import cli as ndb_cli
+
+    (tmp_path / "r.json").write_text(json.dumps(synthetic_report(general={"sciq": general_task()})))
+    (tmp_path / "p.yaml").write_text(policy_text)
+    return ndb_cli.main(["gate", "--report", str(tmp_path / "r.json"), "--policy", str(tmp_path / "p.yaml")])
+
+
+def _policy_yaml(efficacy_line):
+    criteria = "\n".join(f"  {k}: {v}" for k, v in POLICY["criteria"].items() if k != "efficacy_min")
+    return f"version: 1\nconfidence: 0.95\ncriteria:\n{efficacy_line}\n{criteria}\n"
+
+
+def test_a_yaml_alias_bomb_fails_fast_with_exit_2(tmp_path, no_evaluate, capsys):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)]  # 10^6 strings
+    text = _policy_yaml("  efficacy_min: *a5").replace("criteria:\n", "\n".join(levels) + "\ncriteria:\n")
+    assert _gate_cli_on(tmp_path, text) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 2000 and "alias" in err and "line" in err
+
+
+def test_a_long_value_is_shortened_in_the_error(tmp_path, no_evaluate, capsys):
+    assert _gate_cli_on(tmp_path, _policy_yaml(f"  efficacy_min: [{', '.join(['x'] * 100000)}]")) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 2000 and "criteria.efficacy_min" in err
+
+
+def test_a_duplicate_policy_key_is_refused_naming_key_and_line(tmp_path, no_evaluate, capsys):
+    assert _gate_cli_on(tmp_path, _policy_yaml("  efficacy_min: 100\n  efficacy_min: 0")) == 2
+    err = capsys.readouterr().err
+    assert "'efficacy_min'" in err and "line 5" in err
+
+
+@pytest.mark.parametrize("word", ["no", "yes", "on", "off", "false", "n", "True"])
+def test_a_yaml_boolean_where_a_number_is_expected_is_refused(tmp_path, no_evaluate, capsys, word):
+    assert _gate_cli_on(tmp_path, _policy_yaml(f"  efficacy_min: {word}")) == 2
+    err = capsys.readouterr().err
+    assert "criteria.efficacy_min" in err and "null" in err
+
+
+def test_null_still_switches_a_yaml_criterion_off(tmp_path, no_evaluate):
+    assert _gate_cli_on(tmp_path, _policy_yaml("  efficacy_min: null")) == 0

@@ -110,3 +110,43 @@ def test_a_failed_folder_write_leaves_the_old_folder_and_no_temporary(tmp_path):
     with atomic_dir(target, existing="replace") as tmp:
         (tmp / "a").write_text("new")
     assert (target / "a").read_text() == "new" and no_temporaries(tmp_path)
+
+
+def test_without_an_exchange_a_replace_takes_two_renames_and_an_error_restores_the_old(tmp_path, monkeypatch):
+    from neuraldb import io
+
+    target = tmp_path / "release"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("old")
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # a system or file system without one
+    with atomic_dir(target, existing="replace") as tmp:
+        (tmp / "a").write_text("new")
+    assert (target / "a").read_text() == "new" and no_temporaries(tmp_path)
+    real, calls = os.rename, []
+
+    def second_fails(src, dst):
+        calls.append(src)
+        if len(calls) == 3:  # 1: into place (refused), 2: the old one aside, 3: the new one in
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target, existing="replace") as tmp:
+            (tmp / "a").write_text("newer")
+    assert (target / "a").read_text() == "new" and no_temporaries(tmp_path)
+
+
+def test_remove_stale_removes_only_dead_writers_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    from neuraldb.io import remove_stale
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = [f".r.tmp-{dead}-x", f".r.old-{dead}-1", f".r.tmp-{os.getpid()}-x", f".rr.tmp-{dead}-x", ".r.tmp-abc"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    assert sorted(p.name for p in remove_stale(tmp_path / "r")) == sorted(names[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,79 @@ def test_gate_and_evaluation_reports_together(base, tmp_path):
     with pytest.raises(ReleaseError, match="pass each once"):
         neuraldb.save_release(tmp_path / "r2", folder, db, report=evaluation, evaluation=evaluation)
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("field,value", [("size", "str"), ("size", -1), ("size", True), ("sha256", 5),
+                                         ("sha256", "abc"), ("path", 3)])
+def test_wrongly_typed_manifest_file_entries_name_the_field(base, tmp_path, field, value):
+    folder, model, tok, db = base
+    out = neuraldb.save_release(tmp_path / "r", folder, db)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["files"]["store"]
+    entry[field] = str(entry["size"]) if value == "str" else value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match=f"files.store.{field} must be"):
+        rel.verify_release(out)
+
+
+_KILLED_SAVE = """
+import os, shutil, sys
+import neuraldb
+from neuraldb import io
+target, store, base, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+calls = []
+def step(real):
+    def killed(*args, **kwargs):
+        calls.append(real.__name__)
+        if len(calls) == kill_at:
+            os._exit(9)  # a kill: no except, no finally
+        return real(*args, **kwargs)
+    return killed
+os.rename, os.replace, shutil.rmtree = step(os.rename), step(os.replace), step(shutil.rmtree)
+if hasattr(io, "_exchange"):
+    io._exchange = step(io._exchange)
+neuraldb.save_release(target, base, neuraldb.NeuralDB.load(store), report={"version": "new"}, overwrite=True)
+print("finished after", calls)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 3, 4])
+def test_an_overwrite_killed_at_any_step_leaves_a_release_and_the_next_save_cleans_up(base, tmp_path, kill_at):
+    """A real kill (os._exit in a child process) at the k-th rename/removal of an overwrite: the
+    target still holds a whole release (old or new); the next save removes what the kill left."""
+    import subprocess
+    import sys
+
+    folder, model, tok, db = base
+    target, store = tmp_path / "r", db.save(tmp_path / "store.safetensors")
+    neuraldb.save_release(target, folder, db, report={"version": "old"})
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's neuraldb, not an installed one
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(target), str(store), str(folder), str(kill_at)],
+                   check=False, cwd=tmp_path, timeout=300, env=env)
+    assert rel.release_report(target)["version"] in ("old", "new")  # verified: a whole release
+    assert rel.load_store(target).ids == db.ids
+    neuraldb.save_release(target, folder, db, report={"version": "newer"}, overwrite=True)
+    assert rel.release_report(target)["version"] == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "store.safetensors"]  # no hidden copies left
+
+
+def test_stale_temporaries_of_a_live_save_or_of_others_are_kept(base, tmp_path):
+    folder, model, tok, db = base
+    target = tmp_path / "r"
+    live = tmp_path / f".r.tmp-{os.getpid()}-x"  # a save in progress in this very process
+    dead_other = tmp_path / ".other.tmp-1-x"  # another release's temporary
+    mine = tmp_path / ".r.tmp-notapid"  # not named by neuraldb.io
+    for folder_ in (live, dead_other, mine):
+        folder_.mkdir()
+    neuraldb.save_release(target, folder, db)
+    assert live.is_dir() and dead_other.is_dir() and mine.is_dir()
+
+
+def test_a_store_without_fingerprint_is_not_released(base, tmp_path):
+    folder, model, tok, db = base
+    blank = db.head(len(db))
+    blank.fingerprint = ""
+    with pytest.raises(ReleaseError, match="'fingerprint' is empty"):
+        neuraldb.save_release(tmp_path / "r", folder, blank)
+    assert not (tmp_path / "r").exists()

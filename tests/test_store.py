@@ -206,3 +206,35 @@ def test_head_keeps_the_first_facts_and_the_settings(tiny_llama):
     assert len(db.head(0)) == 0 and db.head(0).d_key == db.d_key
     with pytest.raises(StoreError, match="head"):
         db.head(6)
+
+
+def _rewrite(path, *, tensors=None, **fields):
+    """Rewrite the store file at ``path`` with some metadata fields (and tensors) replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["neuraldb"])
+    save_file(load_file(str(path)) | (tensors or {}), str(path), metadata={"neuraldb": json.dumps(meta | fields)})
+
+
+def test_an_empty_fingerprint_in_a_store_file_is_not_a_pass(tmp_path, tiny_llama):
+    model, _ = tiny_llama
+    path = store_for(model, n=2).save(tmp_path / "s.safetensors")
+    _rewrite(path, fingerprint="")
+    with pytest.raises(StoreError, match="'fingerprint' is empty"):
+        NeuralDB.load(path, model=model)
+    db = NeuralDB.load(path)  # reading without a model still works ...
+    with pytest.raises(StoreError, match="'fingerprint' is empty"):
+        db.attach(model)  # ... but it cannot be attached as if it had been checked
+    db.attach(model, check=False).detach()  # unless the caller says so
+
+
+def test_a_residual_width_other_than_the_models_is_refused_at_load_and_attach(tmp_path, tiny_llama):
+    model, _ = tiny_llama
+    path = store_for(model, n=2).save(tmp_path / "s.safetensors")
+    _rewrite(path, tensors={"residuals": torch.randn(2, 33)}, d_model=33)
+    with pytest.raises(StoreError, match=r"'d_model' is 33 .*32"):
+        NeuralDB.load(path, model=model)
+    with pytest.raises(StoreError, match=r"'d_model' is 33 .*32"):
+        NeuralDB.load(path).attach(model)
