@@ -208,8 +208,20 @@ def _run_edit(args: argparse.Namespace) -> int:
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     db = edit(model, tok, facts, config=cfg, checkpoint=args.checkpoint or args.out)
     db.save(args.out)
+    for line in _edit_summary(db.last_edit):
+        print(line)
     print(f"{len(db)} facts -> {args.out}")
     return 0
+
+
+def _edit_summary(report: Any) -> list[str]:
+    """What ``neuraldb edit`` did to the store: a line per replaced fact (old and new target), then the counts."""
+    if report is None:
+        return []
+    lines = [r.describe() for r in report.replaced]
+    lines.append(f"{len(report.added)} added ({len(report.replaced)} replacing a stored fact of the same subject and "
+                 f"prompt), {len(report.unchanged)} already stored, {len(report.refit)} re-fitted")
+    return lines
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -221,8 +233,11 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--facts", required=True, help="JSON list of facts, or a CounterFact/ZsRE file")
-    p.add_argument("--out", required=True, help="store file (.safetensors); also the checkpoint")
+    p.add_argument("--facts", required=True,
+                   help="JSON list of facts, or a CounterFact/ZsRE file; a fact whose subject and prompt are "
+                   "already stored with another target replaces it, two such facts in the file are an error")
+    p.add_argument("--out", required=True, help="store file (.safetensors); also the checkpoint: an existing "
+                   "store is added to (upsert) unless --checkpoint names another file")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--layer", type=int, default=None)
