@@ -50,11 +50,15 @@ def editable_cases(cases: Sequence[EvalCase], tokenizer: Any, config: Any = None
     prompt and in the config's KL prompt (zsRE's "What's Your Hurry??" is not: with
     most tokenizers the subject's last token runs into the "?"). ``neuraldb.edit``
     rejects such facts with a FactError; evaluation runs leave them out and say so.
+    A case with the subject and prompt of an earlier case (CounterFact's twin cities:
+    7 of its 2,191 test cases) is left out too: one edit holds one fact per
+    ``(subject, prompt)`` (``neuraldb.FactConflictError``).
     """
     from neuraldb import EditConfig, FactError, locate_subject
 
     config = config or EditConfig()
     keep, notes = [], []
+    first: dict[tuple[str, str], str] = {}
     for c in cases:
         try:
             locate_subject(tokenizer, c.fact.prompt, c.fact.subject)
@@ -62,6 +66,11 @@ def editable_cases(cases: Sequence[EvalCase], tokenizer: Any, config: Any = None
         except FactError as exc:
             notes.append(f"{c.fact.id}: {exc}")
             continue
+        if c.fact.identity in first:
+            notes.append(f"{c.fact.id}: same subject and prompt as {first[c.fact.identity]} (one fact per "
+                         "subject and prompt in a store)")
+            continue
+        first[c.fact.identity] = c.fact.id
         keep.append(c)
     report = getattr(cases, "report", None) or LoadReport(source="", format="", records=len(cases), loaded=len(cases))
     return EvalCases(keep, report), notes

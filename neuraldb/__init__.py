@@ -8,6 +8,7 @@ Example::
                                                   subject="The Eiffel Tower", target_new="Rome")])
     with db.attached(model):
         ...                      # the model now says Rome; elsewhere it is the original model
+    neuraldb.forget(model, tok, db, db.ids)   # as if it had never been edited
 
 The core (this package) does not import ``evals`` or ``properties``. Four functions of
 ``evals`` are re-exported as thin façades for convenience - :func:`evaluate`, :func:`gate`,
@@ -22,7 +23,7 @@ import logging
 from typing import Any
 
 from .arch import ModelArch, known_model_types, resolve_arch
-from .facts import Fact, FactError, encode_completion, locate_subject, validate_facts
+from .facts import Fact, FactConflictError, FactError, check_conflicts, encode_completion, locate_subject, validate_facts
 from .nethook import StopForward, Trace, TraceDict
 
 __version__ = "0.1.0"
@@ -34,6 +35,9 @@ _LAZY = {
     "NeuralDB": ".store",
     "StoreError": ".store",
     "edit": ".editor",
+    "forget": ".refit",
+    "EditReport": ".identity",
+    "Replacement": ".identity",
     "compute_keys": ".keys",
     "context_templates": ".keys",
     "compute_residuals": ".residuals",
@@ -46,11 +50,13 @@ _LAZY = {
 
 __all__ = [
     "Fact",
+    "FactConflictError",
     "FactError",
     "ModelArch",
     "StopForward",
     "Trace",
     "TraceDict",
+    "check_conflicts",
     "encode_completion",
     "known_model_types",
     "locate_subject",

@@ -250,8 +250,20 @@ def _run_edit(args: argparse.Namespace) -> int:
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
     db.save(out)
     ckpt.unlink(missing_ok=True)  # the run is finished: no checkpoint left to resume
+    for line in _edit_summary(db.last_edit):
+        print(line)
     print(f"{len(db)} facts -> {out}")
     return 0
+
+
+def _edit_summary(report: Any) -> list[str]:
+    """What ``neuraldb edit`` did to the store: a line per replaced fact (old and new target), then the counts."""
+    if report is None:
+        return []
+    lines = [r.describe() for r in report.replaced]
+    lines.append(f"{len(report.added)} added ({len(report.replaced)} replacing a stored fact of the same subject and "
+                 f"prompt), {len(report.unchanged)} already stored, {len(report.refit)} re-fitted")
+    return lines
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -263,11 +275,14 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--facts", required=True, help="JSON list of facts, or a CounterFact/ZsRE file")
+    p.add_argument("--facts", required=True,
+                   help="JSON list of facts, or a CounterFact/ZsRE file; a fact whose subject and prompt are "
+                   "already stored with another target replaces it, two such facts in the file are an error")
     p.add_argument("--out", required=True,
                    help="store file (.safetensors), written when the run finishes; an existing one needs --append")
     p.add_argument("--append", action="store_true",
-                   help="add the facts to the store already at --out (facts whose id it has are skipped)")
+                   help="add the facts to the store already at --out (upsert: the same fact again is skipped, a new "
+                        "target for a stored subject and prompt replaces the old one)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run whose checkpoint is there (a run without a checkpoint starts)")
     p.add_argument("--checkpoint", default=None,

@@ -11,6 +11,12 @@ Every key and residual is computed on the unedited model, so facts are
 independent: they are processed in batches and an interrupted run resumes
 from its checkpoint (``checkpoint=path``) without recomputing finished facts.
 
+A store holds one fact per identity ``(subject, prompt)`` (:mod:`neuraldb.identity`):
+editing a stored identity with another target replaces the stored fact (its row goes,
+the facts sharing its subject's residual are re-fitted with the new one), the same fact
+again is a no-op, and two facts of one identity in one call are a
+:class:`~neuraldb.facts.FactConflictError`. ``db.last_edit`` says what the call did.
+
 Invariant: the model (weights, hooks) is the same at the end as at the beginning;
 if a store is attached to it, it is detached during the edit and re-attached.
 """
@@ -32,7 +38,8 @@ from tqdm.auto import tqdm
 from .arch import resolve_arch
 from .config import EditConfig
 from .hook import detached
-from .facts import Fact, FactError, validate_facts
+from .facts import Fact, FactError, check_conflicts, validate_facts
+from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
@@ -75,13 +82,21 @@ def _subject_groups(facts: Sequence[Fact]) -> list[int]:
     return [index.setdefault(f.subject, len(index)) for f in facts]
 
 
-def _stored_by_subject(db: NeuralDB) -> dict[str, list[Fact]]:
-    """The facts already in ``db`` (rebuilt from their stored records), by subject."""
+def stored_fact(db: NeuralDB, fact_id: str) -> Fact | None:
+    """The stored fact ``fact_id`` rebuilt from its record (None for a row without one)."""
+    rec = db.facts.get(fact_id)
+    if not rec or "subject" not in rec:
+        return None
+    return Fact.from_dict({k: v for k, v in rec.items() if k != "edit"})
+
+
+def _stored_by_subject(db: NeuralDB, exclude: Iterable[str] = ()) -> dict[str, list[Fact]]:
+    """The facts already in ``db`` (rebuilt from their stored records), by subject, less ``exclude``."""
     out: dict[str, list[Fact]] = {}
-    for fid in db.ids:
-        rec = db.facts.get(fid)
-        if rec and "subject" in rec:
-            out.setdefault(rec["subject"], []).append(Fact.from_dict({k: v for k, v in rec.items() if k != "edit"}))
+    skip = set(exclude)
+    for fact in (stored_fact(db, fid) for fid in db.ids if fid not in skip):
+        if fact is not None:
+            out.setdefault(fact.subject, []).append(fact)
     return out
 
 
@@ -135,10 +150,15 @@ def edit(
     """Compute a key and a residual for each fact; return the store (not attached).
 
     Args:
-        facts: :class:`Fact` objects or mappings; validated before any work.
+        facts: :class:`Fact` objects or mappings; validated before any work. Two facts with
+            one identity ``(subject, prompt)`` are a :class:`~neuraldb.facts.FactConflictError`.
         config: :class:`EditConfig` (layer None = the family's default).
-        db: add to this store instead of a new one; facts whose id is already in
-            it are skipped (so a half-finished store resumes).
+        db: add to this store instead of a new one (an upsert, :mod:`neuraldb.identity`): a fact
+            whose identity is stored with another target replaces the stored fact (logged at
+            INFO, old and new target; the facts about its subject are re-fitted with it); one
+            already stored with the same target, or whose id is stored, is skipped (a no-op,
+            so a half-finished store resumes). ``db.last_edit`` (:class:`~neuraldb.identity.EditReport`)
+            lists what was added, replaced, left unchanged and re-fitted.
         checkpoint: a store file written every ``checkpoint_every`` batches; if
             it exists, the run resumes from it (its config must match).
         progress: show a tqdm progress bar.
@@ -150,6 +170,7 @@ def edit(
     """
     config = config or EditConfig()
     facts = validate_facts(facts)
+    check_conflicts(facts)
     arch = resolve_arch(
         model, layers=config.layers_template, mlp_out=config.mlp_out_template,
         residual_out=config.residual_out_template,
@@ -162,27 +183,26 @@ def edit(
             templates = context_templates(model, tokenizer, prefixes=config.context_prefixes,
                                           length=config.context_length, seed=config.context_seed)
         db = db if db is not None else _new_store(model, config, layer, templates)
-        todo = [f for f in facts if f.id not in db]
-        if len(todo) < len(facts):
-            log.info("skipping %d facts already in the store", len(facts) - len(todo))
-        if not todo:
+        plan = _plan(db, facts)
+        if not plan.todo:
             return db
-        residual_templates = templates + _chat_contexts(tokenizer, config)
-        _check_lengths(model, tokenizer, todo, residual_templates)
-        step = _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
-                     key_templates=templates if config.bare_weight > 0 else templates[1:],
-                     residual_templates=residual_templates,
-                     optimised=optimisation_model(model, config.residual_dtype))
-        stored = _stored_by_subject(db) if config.share_subject_residuals else {}
+        step = make_step(model, tokenizer, config, arch=arch, layer=layer, templates=templates)
+        _check_lengths(model, tokenizer, plan.todo, step.residual_templates)
+        old = [r.old_id for r in plan.replaced]
+        stored = _stored_by_subject(db, exclude=old) if config.share_subject_residuals else {}
+        todo, replaces, refit = list(plan.todo), plan.old_ids, []
         t0 = time.perf_counter()
         with tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress) as bar:
             for b, start in enumerate(range(0, len(todo), config.batch_size)):
                 batch = todo[start : start + config.batch_size]
-                _edit_batch(step, db, batch, stored)
+                refit += _edit_batch(step, db, batch, stored, replaces)
                 bar.update(len(batch))
                 if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
                     db.save(ckpt)
         log.info("edited %d facts in %.1f s", len(todo), time.perf_counter() - t0)
+        new = {f.id for f in todo}
+        db.last_edit = EditReport(added=tuple(f.id for f in todo), replaced=plan.replaced, unchanged=plan.unchanged,
+                                  removed=tuple(old), refit=tuple(dict.fromkeys(i for i in refit if i not in new)))
         if check or strict:
             _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
     return db
@@ -215,6 +235,28 @@ def _check_lengths(model: nn.Module, tokenizer: Any, facts: Sequence[Fact], temp
                 f"fact {f.id!r}: its edit text is {n} tokens long (the prompt in its longest context template, "
                 f"with the target), more than the model's context of {limit} tokens (config.{field}); "
                 "shorten the prompt (or EditConfig.context_length)")
+
+
+def _plan(db: NeuralDB, facts: Sequence[Fact]) -> UpsertPlan:
+    """:func:`~neuraldb.identity.plan_upsert`, logged; ``db.last_edit`` says what it found
+    (updated once the edit is done)."""
+    plan = plan_upsert(db, facts)
+    if plan.unchanged:
+        log.info("skipping %d facts already in the store", len(plan.unchanged))
+    for r in plan.replaced:
+        log.info("%s", r.describe())
+    db.last_edit = EditReport(unchanged=plan.unchanged)
+    return plan
+
+
+def make_step(model: nn.Module, tokenizer: Any, config: EditConfig, *, arch: Any, layer: int,
+              templates: list[str]) -> "_Step":
+    """What every batch of an edit (or a re-fit, :func:`neuraldb.forget`) shares, for a model
+    already detached and in eval mode."""
+    return _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
+                 key_templates=templates if config.bare_weight > 0 else templates[1:],
+                 residual_templates=templates + _chat_contexts(tokenizer, config),
+                 optimised=optimisation_model(model, config.residual_dtype))
 
 
 def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,
@@ -262,10 +304,12 @@ class _Step:
     optimised: nn.Module  # the model, or its bfloat16 copy (EditConfig.residual_dtype)
 
 
-def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, list[Fact]]) -> None:
-    """Keys and residuals of ``batch``, added to ``db``. Facts stored earlier about a subject of the
-    batch are optimised again with it, so that every fact about one subject ends with the same
-    residual (``EditConfig.share_subject_residuals``; ``stored`` is kept up to date)."""
+def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, list[Fact]],
+                replaces: Mapping[str, Sequence[str]]) -> list[str]:
+    """Keys and residuals of ``batch``, added to ``db`` in place of the stored facts they replace
+    (``replaces``: new id -> old ids). Facts stored earlier about a subject of the batch are
+    optimised again with it, so that every fact about one subject ends with the same residual
+    (``EditConfig.share_subject_residuals``; ``stored`` is kept up to date). Returns their ids."""
     config, tokenizer = step.config, step.tokenizer
     earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
     keys = compute_keys(step.model, tokenizer, batch, layer=step.layer, templates=step.key_templates,
@@ -285,7 +329,11 @@ def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, 
              if config.word_check else None)
     if words is not None and db.word_starts.numel() == 0:
         db.word_starts = word_start_tokens(tokenizer)
+    old = [o for f in batch for o in replaces.get(f.id, ())]
+    if old:
+        db.remove(old, stale_ok=True)  # their siblings were re-optimised above, without them
     db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
     if config.share_subject_residuals:
         for f in batch:
             stored.setdefault(f.subject, []).append(f)
+    return [f.id for f in earlier]

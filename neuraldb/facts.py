@@ -6,9 +6,12 @@ Example::
                 target_new="Rome", target_true="Paris")
     fact.text                      # 'The Eiffel Tower is located in the city of'
     ids, last = locate_subject(tokenizer, "Today. " + fact.prompt, fact.subject)
+    fact.identity                  # ('The Eiffel Tower', '{} is located in the city of')
 
 A malformed fact is a ``FactError`` (a ``ValueError``) that names the field and
-the fix, raised before any computation starts.
+the fix, raised before any computation starts. A fact's identity is its
+``(subject, prompt)``: a store holds one fact per identity, and two facts of one
+identity in one edit are a :class:`FactConflictError` (:func:`check_conflicts`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any, Iterable, Mapping
 
 __all__ = [
     "Fact",
+    "FactConflictError",
     "FactError",
+    "check_conflicts",
     "locate_subject",
     "encode_completion",
     "split_prompt",
@@ -31,6 +36,10 @@ __all__ = [
 
 class FactError(ValueError):
     """A fact that cannot be edited; the message names the fact, the field and the fix."""
+
+
+class FactConflictError(FactError):
+    """Two facts of one edit with the same identity ``(subject, prompt)``; the message names both."""
 
 
 def _where(fact_id: str | None) -> str:
@@ -130,6 +139,12 @@ class Fact:
             object.__setattr__(self, "id", f"fact-{digest}")
 
     @property
+    def identity(self) -> tuple[str, str]:
+        """``(subject, prompt)``: what the fact is about. A store holds one fact per identity;
+        editing it again with another ``target_new`` replaces it (``neuraldb.edit``)."""
+        return (self.subject, self.prompt)
+
+    @property
     def text(self) -> str:
         """The edit prompt with the subject filled in."""
         return self.prompt.format(self.subject)
@@ -179,6 +194,33 @@ def validate_facts(facts: Iterable[Fact | Mapping[str, Any]]) -> list[Fact]:
             )
         seen[f.id] = i
     return out
+
+
+def check_conflicts(facts: Iterable[Fact]) -> None:
+    """Raise :class:`FactConflictError` if two of ``facts`` have one identity ``(subject, prompt)``.
+
+    Example::
+
+        check_conflicts([Fact(prompt="{} plays", subject="LeBron James", target_new="golf"),
+                         Fact(prompt="{} plays", subject="LeBron James", target_new="chess")])
+        # FactConflictError: facts[1] ('fact-...', target 'chess') and facts[0] (...) ...
+
+    One edit cannot say both, and one fact said twice under two ids would make two rows
+    of one identity: both are errors that name the two facts.
+    """
+    seen: dict[tuple[str, str], tuple[int, Fact]] = {}
+    for i, f in enumerate(facts):
+        if f.identity not in seen:
+            seen[f.identity] = (i, f)
+            continue
+        j, g = seen[f.identity]
+        what = ("give different targets" if f.target_new.strip() != g.target_new.strip()
+                else "are the same fact under two ids")
+        raise FactConflictError(
+            f"facts[{i}] ({f.id!r}, target {f.target_new!r}) and facts[{j}] ({g.id!r}, target {g.target_new!r}) "
+            f"are both about subject {f.subject!r} with prompt {f.prompt!r} and {what}; "
+            "keep one of them (a store holds one fact per (subject, prompt))"
+        )
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool = True) -> dict:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ContextManager, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .reach import unreachable
 from .retrieval import DeviceIndex, LowRankScreen, max_cosines
 from .rows import check_rows, check_thresholds, check_words
 from .words import NO_WORD, WORD_WIDTH, same_forms
+
+if TYPE_CHECKING:
+    from .identity import EditReport
 
 __all__ = ["NeuralDB", "StoreError", "layer_fingerprint", "model_name"]
 
@@ -101,6 +104,7 @@ class NeuralDB:
         self._version = 0  # bumped by every change of keys, residuals or thresholds (readers cache on it)
         self._hook: StoreHook | None = None  # the hooks while attached
         self.firing = Firing(len(self.ids))  # the hook's counters: db.stats(), db.last_fire_mask, ...
+        self.last_edit: EditReport | None = None  # what the last neuraldb.edit / forget did (not saved)
 
     @property
     def gamma(self) -> float:
@@ -176,12 +180,32 @@ class NeuralDB:
         sub.word_starts = self.word_starts
         return sub
 
-    def remove(self, ids: str | Sequence[str]) -> None:
-        """Delete facts by id; an unknown id is an error and nothing is removed."""
+    def remove(self, ids: str | Sequence[str], *, stale_ok: bool = False) -> None:
+        """Delete facts by id; an unknown id is an error and nothing is removed.
+
+        Example::
+
+            db.remove("fact-1a2b3c")                       # a fact with no sibling: its row goes
+            neuraldb.forget(model, tok, db, ["fact-1a2b3c"])  # one with siblings: re-fits them
+
+        A fact that shares its residual with other facts about its subject
+        (:meth:`siblings`) is refused with a :class:`StoreError`: their residual was
+        optimised for its target too, so dropping its row alone would leave the target
+        in the store. :func:`neuraldb.forget` removes it and re-fits the siblings (it
+        needs the model); ``stale_ok=True`` drops the rows anyway, leaving the
+        siblings' residuals as they are.
+        """
         ids = [ids] if isinstance(ids, str) else list(ids)
         missing = [i for i in ids if i not in self._index]
         if missing:
             raise StoreError(f"unknown fact id(s) {missing[:5]}; nothing was removed")
+        siblings = [] if stale_ok else self.siblings(ids)
+        if siblings:
+            raise StoreError(
+                f"fact(s) {ids[:5]} share their subject's residual with {siblings[:5]}, which still carries "
+                "their target; remove and re-fit with neuraldb.forget(model, tokenizer, db, ids), or pass "
+                "stale_ok=True to drop the rows alone. Nothing was removed"
+            )
         drop = {self._index[i] for i in ids}
         keep = torch.tensor([r for r in range(len(self.ids)) if r not in drop], dtype=torch.long)
         self.keys = self.keys[keep]
@@ -193,6 +217,35 @@ class NeuralDB:
             self.facts.pop(i, None)
         self._index = {fid: r for r, fid in enumerate(self.ids)}
         self._changed()
+
+    @property
+    def shares_residuals(self) -> bool:
+        """Whether facts about one subject share one residual: the store was built by
+        ``neuraldb.edit`` with ``EditConfig.share_subject_residuals`` (the default)."""
+        return bool(self.config) and bool(self.config.get("share_subject_residuals", True))
+
+    def siblings(self, ids: str | Sequence[str]) -> list[str]:
+        """The stored facts, other than ``ids``, that share a residual with one of ``ids``:
+        the facts about the same subject (their records' ``subject``), in a store that
+        :attr:`shares_residuals`; [] otherwise."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        if not self.shares_residuals:
+            return []
+        subjects = {(self.facts.get(i) or {}).get("subject") for i in ids} - {None}
+        gone = set(ids)
+        return [f for f in self.ids if f not in gone and (self.facts.get(f) or {}).get("subject") in subjects]
+
+    def find(self, *, subject: str, prompt: str) -> str | None:
+        """The id of the stored fact with identity ``(subject, prompt)``, or None.
+
+        Example::
+
+            db.find(subject="LeBron James", prompt="{} plays the sport of")   # 'fact-...'
+        """
+        from .identity import stored_identities
+
+        found = stored_identities(self).get((subject, prompt))
+        return found[-1] if found else None
 
     def update(self, fact_id: str, *, key: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                fact: Mapping[str, Any] | None = None, threshold: float | None = None,
