@@ -134,3 +134,13 @@ def test_report_keys_are_the_edit_keys_and_one_pass_serves_two_offsets(tiny_llam
     for a, b in zip(at0, _group_means(model, tok, facts, 1, templates, 2)):
         assert torch.equal(a, b)
     assert not torch.equal(at0[1], at1[1])  # the previous position is another activation
+
+
+def test_case_folding_study_picks_only_texts_with_a_subject_in_another_case():
+    from evals.firing.case_folding import candidate_texts, case_variants
+
+    assert case_variants("The Eiffel Tower") == ["the eiffel tower", "THE EIFFEL TOWER"]
+    assert case_variants("euro") == ["EURO", "Euro"]
+    texts = ["We saw The Eiffel Tower.", "we saw the eiffel tower.", "THE EIFFEL TOWER!", "An eiffel of towers.",
+             "Both The Eiffel Tower and the eiffel tower."]
+    assert candidate_texts(texts, ["The Eiffel Tower", "Brian De Palma"]) == [1, 2, 4]
