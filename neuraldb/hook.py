@@ -25,6 +25,10 @@ queries) and edits its output. Per position (batch, seq):
 4. the retrieved residual added where all of it passes, the output left bit for bit
    where it does not; the store's firing counters (:class:`Firing`, ``db.firing``) updated
    on the device (no host sync).
+
+Threads may call the model at once: the call's arguments, its routing and the word check's
+history are kept per thread (a thread's generation continues its own text), the counters are
+added to under a lock. Attaching, detaching and changing the store are not thread-safe.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from torch import nn
 
 from .nethook import Trace, cache_of
+from .threads import Lock, PerThread
 from .words import UNKNOWN, token_windows
 
 __all__ = ["Firing", "Reader", "StoreHook", "attached_reader", "call_inputs", "detached", "valid_positions"]
@@ -160,46 +165,82 @@ class Firing:
     """A store's firing counters since the last reset: gated positions, fires, fires per fact
     (``per_fact`` (N,)), and the last call's ``last_mask`` / ``last_index`` (batch, seq; -1 where
     shut). The counters stay on the device they were counted on: no host sync in the hook's hot path.
+
+    Safe under threads: the counters are added to under a lock (they count every thread's
+    calls), and ``last_mask`` / ``last_index`` are per thread (the calling thread's last call).
     """
 
     def __init__(self, facts: int = 0) -> None:
+        self._lock = Lock()
         self.reset(facts)
 
     def reset(self, facts: int) -> None:
-        """Zero every counter, for a store of ``facts`` facts."""
-        self.positions = torch.zeros((), dtype=torch.long)
-        self.fires = torch.zeros((), dtype=torch.long)
-        self.per_fact = torch.zeros(facts, dtype=torch.long)
-        self.last_mask: torch.Tensor | None = None
-        self.last_index: torch.Tensor | None = None
+        """Zero every counter, for a store of ``facts`` facts; every thread's last call is forgotten."""
+        with self._lock:
+            self.positions = torch.zeros((), dtype=torch.long)
+            self.fires = torch.zeros((), dtype=torch.long)
+            self.per_fact = torch.zeros(facts, dtype=torch.long)
+            self._last = PerThread()  # .mask, .index of each thread's last call
+
+    @property
+    def last_mask(self) -> torch.Tensor | None:
+        """(batch, seq) bool: where this thread's last call fired (None before one)."""
+        return getattr(self._last, "mask", None)
+
+    @last_mask.setter
+    def last_mask(self, value: torch.Tensor | None) -> None:
+        self._last.mask = value
+
+    @property
+    def last_index(self) -> torch.Tensor | None:
+        """(batch, seq) long: the fact fired at each position of this thread's last call, -1 where shut."""
+        return getattr(self._last, "index", None)
+
+    @last_index.setter
+    def last_index(self, value: torch.Tensor | None) -> None:
+        self._last.index = value
 
     def record(self, valid: torch.Tensor, fire: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> None:
-        """Count one call's gated positions and fires (each (batch*seq,)); keep its masks."""
-        self.positions = self.positions.to(fire.device) + valid.sum()
-        self.fires = self.fires.to(fire.device) + fire.sum()
-        self.per_fact = self.per_fact.to(fire.device).index_add_(0, index.clamp_min(0), fire.long())
+        """Count one call's gated positions and fires (each (batch*seq,)); keep its masks for this thread."""
+        positions, fires, at = valid.sum(), fire.sum(), index.clamp_min(0)
+        with self._lock:
+            self.positions = self.positions.to(fire.device) + positions
+            self.fires = self.fires.to(fire.device) + fires
+            self.per_fact = self.per_fact.to(fire.device).index_add_(0, at, fire.long())
         self.last_mask = fire.reshape(batch, seq)
         self.last_index = torch.where(fire, index, torch.full_like(index, -1)).reshape(batch, seq)
 
     def stats(self) -> dict[str, Any]:
         """Gated positions, fires and their rate since the last reset (reads the counters to the host)."""
-        positions, fires = int(self.positions), int(self.fires)
+        with self._lock:
+            positions, fires = self.positions, self.fires
+        positions, fires = int(positions), int(fires)
         return {"positions": positions, "fires": fires, "rate": fires / positions if positions else 0.0}
+
+
+class _Call(PerThread):
+    """A thread's state in one attachment: the routing decided at the key module until the residual
+    module adds it, and the tokens its last call ended on (the word check's history)."""
+
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (fire, index), (batch*seq,) each
+    history: torch.Tensor | None = None  # (batch, width - 1) last tokens of the previous call
 
 
 class StoreHook:
     """The hooks of one attachment of ``db`` to ``model``; :meth:`close` removes them all.
 
-    Keeps per attachment the tokens the last call ended on (the word check's history for
-    the next generation step) and the routing decided at the key module until the residual
-    module adds it (the same module for most families).
+    Keeps per attachment and per thread (:class:`_Call`) the tokens the last call ended on
+    (the word check's history for the next generation step) and the routing decided at the
+    key module until the residual module adds it (the same module for most families); the
+    root trace keeps each thread's call arguments. So threads may call the model at once,
+    each getting what it would alone, and each thread's ``generate`` continues its own text.
+    Opening and closing the hooks (attach, detach) is not safe while other threads call the model.
     """
 
     def __init__(self, db: Any, model: nn.Module) -> None:
         self.db = db
         self.model = model
-        self._history: torch.Tensor | None = None  # (batch, width - 1) last tokens of the previous call
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (fire, index), (batch*seq,) each
+        self._call = _Call()  # this thread's routing and word-check history
         self._warned_ids = False
         self._traces: list[Trace] = []
         root = getattr(model, "base_model", model)
@@ -253,7 +294,7 @@ class StoreHook:
 
     def _route(self, x: torch.Tensor) -> None:
         """Gate decision for the keys ``x`` (batch, seq, d_key); kept for :meth:`_apply`."""
-        self._pending = None
+        self._call.pending = None
         db = self.db
         if len(db) == 0 or x.dim() != 3:
             return
@@ -268,7 +309,7 @@ class StoreHook:
         fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
         index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
         db.firing.record(valid, fire, index, batch, seq)
-        self._pending = (fire, index)
+        self._call.pending = (fire, index)
 
     def _windows(self, kwargs: dict[str, Any], ids: Any, mask: Any, batch: int, seq: int,
                  device: torch.device) -> torch.Tensor:
@@ -286,7 +327,7 @@ class StoreHook:
             ids = torch.where(mask[:, mask.shape[1] - seq :].to(device).bool(), ids, torch.full_like(ids, UNKNOWN))
         windows = token_windows(ids, self._continued_history(kwargs, mask, batch, seq, device), width=width)
         if seq:
-            self._history = windows[:, -1, 1:]  # (batch, width - 1) the tokens this call ends on
+            self._call.history = windows[:, -1, 1:]  # (batch, width - 1) the tokens this call ends on
         return windows
 
     def _continued_history(self, kwargs: dict[str, Any], mask: Any, batch: int, seq: int,
@@ -296,8 +337,8 @@ class StoreHook:
         Not decided from the cache's length: the layers before this one have already
         appended this call's tokens to it.
         """
-        history = self._history if self._history is not None and self._history.shape[0] == batch else None
-        if history is None:
+        history = self._call.history
+        if history is None or history.shape[0] != batch:
             return None
         if mask is not None:
             return history if mask.shape[1] > seq else None
@@ -314,7 +355,8 @@ class StoreHook:
 
     def _apply(self, out: torch.Tensor) -> torch.Tensor:
         """Add the routed residuals to ``out`` (batch, seq, d_model); untouched where shut."""
-        pending, self._pending = self._pending, None
+        call = self._call
+        pending, call.pending = call.pending, None
         if pending is None:
             return out
         fire, index = pending

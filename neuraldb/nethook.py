@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .threads import PerThread
+
 __all__ = ["StopForward", "Trace", "TraceDict", "cache_argument", "cache_of", "get_module", "layer_input"]
 
 # The KV cache's keyword, newest first: transformers 5 renamed ``past_key_values`` to ``cache``.
@@ -77,7 +79,8 @@ class Trace(contextlib.AbstractContextManager):
         bypass: ``fn(*args, **kwargs) -> output`` called *instead of* the module's
             forward (the module's own computation is skipped).
         retain_call: keep the positional and keyword arguments of each call in
-            ``self.call_args`` / ``self.call_kwargs`` (a forward pre-hook).
+            ``self.call_args`` / ``self.call_kwargs`` (a forward pre-hook); per thread: each
+            thread reads its own last call, so threads may call the model concurrently.
         stop: raise :class:`StopForward` after the module ran; swallowed on exit.
         detach: detach retained tensors from the graph (default True).
         clone: clone retained tensors (default False).
@@ -103,8 +106,7 @@ class Trace(contextlib.AbstractContextManager):
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         self.output_is_tuple = False
-        self.call_args: tuple = ()
-        self.call_kwargs: dict[str, Any] = {}
+        self._call = PerThread()  # this thread's last call: .args, .kwargs (retain_call)
         self._bypass = bypass
         self._handle = None
         self._pre_handle = None
@@ -128,7 +130,7 @@ class Trace(contextlib.AbstractContextManager):
             return output
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.call_args, self.call_kwargs = args, kwargs
+            self._call.args, self._call.kwargs = args, kwargs
 
         try:
             if retain_call:
@@ -140,6 +142,16 @@ class Trace(contextlib.AbstractContextManager):
         except BaseException:
             self.close()
             raise
+
+    @property
+    def call_args(self) -> tuple:
+        """The positional arguments of this thread's last call (``retain_call``; () before one)."""
+        return getattr(self._call, "args", ())
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of this thread's last call (``retain_call``; {} before one)."""
+        return getattr(self._call, "kwargs", {})
 
     def close(self) -> None:
         if self._handle is not None:

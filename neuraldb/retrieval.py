@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .threads import Lock
 from .words import NO_WORD, word_match
 
 __all__ = ["unit_rows", "top1", "max_cosines", "LowRankScreen", "DeviceIndex", "SCREEN_MARGIN"]
@@ -83,6 +84,7 @@ class LowRankScreen:
         self.chunk_size = int(chunk_size)
         self.rechecked = 0  # queries with at least one pair re-checked exactly (for benchmarks)
         self.screened = 0
+        self._count = Lock()  # the two counters, from any thread
 
     @staticmethod
     def _lift(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -166,8 +168,10 @@ class LowRankScreen:
                     0, qi[tie], kj[tie] + c0, "amin")  # lowest index among ties, as argmax
                 rows = torch.unique(qi)
                 best, arg = _merge(best, arg, rows, top[rows], low[rows])
-        self.screened += m
-        self.rechecked += int(touched.sum())
+        rechecked = int(touched.sum())
+        with self._count:
+            self.screened += m
+            self.rechecked += rechecked
         hit = (arg >= 0) & (best > thresholds[arg.clamp_min(0)])
         return hit, torch.where(hit, arg, index)
 
@@ -222,6 +226,7 @@ class DeviceIndex:
         self.word_starts = word_starts.to(device)  # (vocab,)
         self.checks_words = bool((words[:, 0] != NO_WORD).any())  # host flag, read once per change
         self.screen: LowRankScreen | None = None  # built by the first screened batch
+        self._build = Lock()  # one thread builds the screen; the others wait and use it
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -262,10 +267,19 @@ class DeviceIndex:
         """:meth:`gate`'s fire and fired index for query rows (M, d_key), through the :class:`LowRankScreen`
         (built once, from the keys and this first batch)."""
         q = unit_rows(queries)  # (M, d_key)
-        if self.screen is None:
-            sample = q[:: max(1, q.shape[0] // 4096)]
-            self.screen = LowRankScreen.build(self.keys, sample=sample, rank=rank, chunk_size=chunk_size)
-        return self.screen.gate(q, self.keys, self.gate_thresholds)
+        return self._screen(q, rank=rank, chunk_size=chunk_size).gate(q, self.keys, self.gate_thresholds)
+
+    def _screen(self, q: torch.Tensor, *, rank: int, chunk_size: int) -> LowRankScreen:
+        """The screen, built once from the keys and the unit queries ``q`` of the first screened batch
+        (under a lock: of threads arriving at once, one builds it; every basis gives the same gate)."""
+        screen = self.screen
+        if screen is not None:
+            return screen
+        with self._build:
+            if self.screen is None:
+                self.screen = LowRankScreen.build(self.keys, sample=q[:: max(1, q.shape[0] // 4096)], rank=rank,
+                                                  chunk_size=chunk_size)
+            return self.screen
 
     def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(M,) bool: the word check (:func:`neuraldb.words.word_match`) for retrieved rows ``index`` (M,)

@@ -39,6 +39,7 @@ from .hook import Firing, StoreHook, attached
 from .reach import unreachable
 from .retrieval import DeviceIndex, LowRankScreen, max_cosines
 from .rows import check_rows, check_thresholds, check_words
+from .threads import Lock
 from .words import NO_WORD, WORD_WIDTH, same_forms
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class NeuralDB:
         self.facts: dict[str, dict[str, Any]] = {}
         self._index: dict[str, int] = {}
         self._device: DeviceIndex | None = None  # the tensors on the gate's device, built at first use
+        self._build = Lock()  # one thread builds the device tensors; the others wait and use them
         self._version = 0  # bumped by every change of keys, residuals or thresholds (readers cache on it)
         self._hook: StoreHook | None = None  # the hooks while attached
         self.firing = Firing(len(self.ids))  # the hook's counters: db.stats(), db.last_fire_mask, ...
@@ -344,11 +346,18 @@ class NeuralDB:
 
     # ---------------------------------------------------------------- retrieval
     def device_index(self, device: torch.device) -> DeviceIndex:
-        """The store's tensors on ``device`` (:class:`~neuraldb.retrieval.DeviceIndex`), cached until it changes."""
-        if self._device is None or self._device.device != device:
-            self._device = DeviceIndex(self.keys, self.residuals, self.gate_thresholds(), self.words,
-                                       self.word_starts, device=device)
-        return self._device
+        """The store's tensors on ``device`` (:class:`~neuraldb.retrieval.DeviceIndex`), cached until it changes;
+        built once (under a lock) when threads call the model at once."""
+        index = self._device
+        if index is not None and index.device == device:
+            return index
+        with self._build:
+            index = self._device
+            if index is None or index.device != device:
+                index = DeviceIndex(self.keys, self.residuals, self.gate_thresholds(), self.words,
+                                    self.word_starts, device=device)
+                self._device = index
+        return index
 
     def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit keys (N, d_key), residuals (N, d_model)) on ``device``, cached until the store changes."""
@@ -358,7 +367,8 @@ class NeuralDB:
     @property
     def screen(self) -> LowRankScreen | None:
         """The hook's low-rank screen since the last change (None until a large store's first call)."""
-        return self._device.screen if self._device is not None else None
+        index = self._device
+        return index.screen if index is not None else None
 
     def gate(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The gate's decision ``(fire, index, scores)`` for query rows (M, d_key): :meth:`retrieve`'s
