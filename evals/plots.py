@@ -15,6 +15,8 @@ nothing to draw:
   0-1 metrics in percent, perplexity on its own log-scale panel.
 * ``gate_firing.png``: the gate's firing rate (fires / gated positions) on each general task
   and on the CounterFact prompt groups, with the policy's maximum as a dashed line.
+
+:func:`plot_sequential` draws ``sequential.png`` from ``sequential.json`` (:mod:`evals.sequential`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from neuraldb.io import atomic_write
 
-__all__ = ["gate_plots", "plot_edit_metrics", "plot_firing", "plot_general"]
+__all__ = ["gate_plots", "plot_edit_metrics", "plot_firing", "plot_general", "plot_sequential"]
 
 _COLORS = {"pre": "#9e9e9e", "post": "#1f77b4", "baseline": "#ff7f0e", "before": "#9e9e9e", "after": "#1f77b4"}
 
@@ -182,3 +184,34 @@ def gate_plots(result: Mapping[str, Any], output_dir: str | os.PathLike) -> dict
              "general": plot_general(data, out / "gate_general.png"),
              "firing": plot_firing(data, out / "gate_firing.png", max_rate=max_rate)}
     return {k: v for k, v in drawn.items() if v}
+
+
+def plot_sequential(result: Mapping[str, Any], path: str | os.PathLike) -> str | None:
+    """``sequential.png``: ES / PS / NS after each round, over all facts edited so far (with the
+    intervals) and over the first round's facts; the all-at-once edit as dashed lines."""
+    rounds = result.get("rounds") or []
+    if not rounds:
+        return None
+    plt = _pyplot()
+    keys = (("efficacy", "ES"), ("generalization", "PS"), ("specificity", "NS"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    xs = [r["round"] for r in rounds]
+    for ax, (key, short) in zip(axes, keys):
+        post = [r["all"][key]["post"] for r in rounds]
+        cis = [r["all"][key].get("post_ci") or [v, v] for r, v in zip(rounds, post)]
+        ax.plot(xs, post, "o-", color=_COLORS["post"], label="all edited so far")
+        ax.fill_between(xs, [max(c[0], 0.0) for c in cis], [min(c[1], 100.0) for c in cis],  # percent: t
+                        color=_COLORS["post"], alpha=0.15)                                 # intervals clipped
+        ax.plot(xs, [r["first_round"][key]["post"] for r in rounds], "^-", color="#2ca02c", label="round-1 facts")
+        batch = (result.get("all_at_once") or {}).get("all", {}).get(key)
+        if batch is not None:
+            ax.axhline(batch["post"], color=_COLORS["baseline"], linestyle="--", label="all at once")
+            ax.axhline(batch["pre"], color=_COLORS["pre"], linestyle=":", label="unedited")
+        ax.set_title(f"{key} ({short})")
+        ax.set_xlabel("round")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-2, 102)
+    axes[0].set_ylabel("post-edit score (%)")
+    axes[0].legend(fontsize=7)
+    return _save(fig, Path(path))

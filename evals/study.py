@@ -5,6 +5,10 @@ Example::
     neuraldb study --model smollm2-135m --sizes 100,500,1000,2000 --output-dir reports/study
     python -m evals.study --sizes 100,500 --eval-cases 50 --general-limit 20
 
+``--sequential ROUNDSxK`` runs the sequential-editing protocol instead (:mod:`evals.sequential`)::
+
+    neuraldb study --model smollm2-135m --sequential 10x50 --output-dir reports/sequential
+
 Residuals are computed on the unedited model, so facts are independent: the
 largest size is edited once (checkpointed in ``output_dir/store.safetensors``, so an
 interrupted run resumes) and each smaller size is a prefix of that store (facts about
@@ -233,7 +237,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-cases", type=int, default=100)
     p.add_argument("--general-tasks", default=None, help="'all' or a comma list (small limit)")
     p.add_argument("--general-limit", type=int, default=20)
-    p.add_argument("--output-dir", default="reports/study")
+    p.add_argument("--output-dir", default=None, help="default reports/study (reports/sequential with --sequential)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--lam", type=float, default=15000.0)
@@ -241,20 +245,68 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
+    p.add_argument("--sequential", type=_sequential_plan, default=None, metavar="ROUNDSxK",
+                   help="instead of the scaling study: sequential editing, e.g. 10x50 (10 rounds of 50 facts into "
+                        "one store, every earlier fact re-evaluated after each round, vs all at once; "
+                        "evals.sequential); uses --model, --output-dir, --data-dir, --layer, --batch-size, "
+                        "--device, --dtype, --residual-dtype")
+
+
+def _sequential_plan(text: str) -> Any:
+    """``--sequential``'s type: ``"10x50"`` -> ``SequentialPlan(10, 50)``; argparse names the flag on error."""
+    from .sequential import SequentialPlan
+
+    try:
+        return SequentialPlan.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_study_cli(args: argparse.Namespace) -> int:
     import neuraldb
 
+    if args.sequential is not None:
+        return _run_sequential_cli(args)
     model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
     result = run_study(
         model, tok, sizes=[int(s) for s in args.sizes.split(",")], readers=args.readers.split(","),
         eval_cases=args.eval_cases, general_tasks=args.general_tasks, general_limit=args.general_limit,
-        output_dir=args.output_dir, data_dir=args.data_dir, config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
+        output_dir=args.output_dir or "reports/study", data_dir=args.data_dir,
+        config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
         lam=args.lam, batch_size=args.batch_size,
     )
     print(render_markdown(result))
     return 0
+
+
+def _run_sequential_cli(args: argparse.Namespace) -> int:
+    """``neuraldb study --sequential ROUNDSxK``: :func:`evals.sequential.run_sequential`."""
+    import sys
+
+    import neuraldb
+
+    from . import sequential
+
+    defaults = _defaults()
+    unused = [f"--{name.replace('_', '-')}" for name in ("sizes", "readers", "eval_cases", "general_tasks",
+                                                         "general_limit", "lam")
+              if getattr(args, name) != defaults[name]]
+    if unused:
+        print(f"note: --sequential does not use {', '.join(unused)}", file=sys.stderr)
+    model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
+    result = sequential.run_sequential(
+        model, tok, plan=args.sequential, output_dir=args.output_dir or "reports/sequential",
+        data_dir=args.data_dir, config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
+        batch_size=args.batch_size,
+    )
+    print(sequential.render_markdown(result))
+    return 0
+
+
+def _defaults() -> dict[str, Any]:
+    parser = argparse.ArgumentParser()
+    add_study_arguments(parser)
+    return vars(parser.parse_args([]))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ COMMANDS: dict[str, Command] = {
                        "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
     "gate": Command("the release gate: decide whether an edited checkpoint may be released",
                     "evals.gate:add_gate_arguments", "evals.gate:run_gate"),
-    "study": Command("scaling study: gated vs linear reader at several sizes",
+    "study": Command("scaling study: gated vs linear reader at several sizes (--sequential RxK: edits in rounds)",
                      "evals.study:add_study_arguments", "evals.study:run_study_cli"),
     "fire-rate": Command("the gate's false fires on unrelated text and its paraphrase recall",
                          "evals.firing.fire_rate:add_fire_rate_arguments", "evals.firing.fire_rate:run_fire_rate"),

@@ -1,0 +1,139 @@
+"""evals.sequential: rounds of edits into one store, every earlier fact re-evaluated, vs all at once."""
+
+import argparse
+import json
+
+import pytest
+
+from evals.sequential import SequentialPlan, run_sequential
+from evals.study import add_study_arguments
+
+from test_edit import CFG
+from test_study import _case
+
+SUBJECTS = [("the eiffel tower", "rome", "paris"), ("danielle darrieux", "english", "french"),
+            ("lebron james", "tennis", "football"), ("john", "madrid", "london"),
+            ("the eiffel tower", "berlin", "paris"),  # shares a subject with round 1: re-fitted together in round 3
+            ("alice", "german", "spanish")]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    cases = [_case(i, s, new, true) for i, (s, new, true) in enumerate(SUBJECTS)]
+    cases[4]["requested_rewrite"]["prompt"] = "the capital of {}"  # another prompt: another fact, same subject
+    (tmp_path / "counterfact_rome").mkdir()
+    (tmp_path / "counterfact_rome" / "counterfact_rome_test2191.json").write_text(json.dumps(cases))
+    return tmp_path
+
+
+def _count_edits(monkeypatch, fail_at=None):
+    """Count neuraldb.edit calls; with ``fail_at``, that call raises (an interrupted run)."""
+    import neuraldb
+
+    real, calls = neuraldb.edit, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neuraldb, "edit", counted)
+    return calls
+
+
+def test_three_rounds_of_two_resume_and_compare(tiny_llama, data_dir, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    out = tmp_path / "seq"
+    plan = SequentialPlan(rounds=3, per_round=2)
+    calls = _count_edits(monkeypatch, fail_at=3)  # round 3's edit is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
+    assert calls == [2, 2, 2] and sorted(p.name for p in (out / "rounds").glob("*.json")) == [
+        "round-01.json", "round-02.json"]
+
+    monkeypatch.undo()
+    calls = _count_edits(monkeypatch)
+    result = run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
+    assert calls == [2, 6]  # round 3, then the all-at-once edit; rounds 1-2 read back, not redone
+
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and [r["facts_stored"] for r in rounds] == [2, 4, 6]
+    for r in rounds:  # the oldest edits are re-evaluated every round
+        assert set(r["first_round"]) == {"efficacy", "generalization", "specificity"}
+        assert r["first_round"]["efficacy"]["n"] == 2 and r["first_round"]["efficacy"]["post"] is not None
+        assert r["all"]["efficacy"]["n"] == 2 * r["round"]
+    assert rounds[0]["first_round"] == rounds[0]["all"]
+    assert rounds[2]["refit_earlier"] == [rounds[0]["fact_ids"][0]]  # the eiffel tower's round-1 fact
+
+    batch, cmp = result["all_at_once"], result["comparison"]
+    assert batch["facts_stored"] == 6 and batch["all"]["efficacy"]["n"] == 6
+    assert cmp["same_ids"] and cmp["cases_compared"] == 6 and cmp["facts_sharing_a_subject"] == 2
+    assert cmp["max_key_diff"] == 0.0  # keys come from the unedited model, whatever the rounds
+    for k in ("max_residual_diff", "max_residual_diff_shared_subject", "max_residual_diff_other",
+              "max_relative_residual_diff", "cases_with_other_firing", "cases_with_other_scores", "same_thresholds"):
+        assert k in cmp
+
+    saved = json.loads((out / "sequential.json").read_text())
+    assert len(saved["rounds"]) == 3 and saved["comparison"] == json.loads(json.dumps(cmp))
+    md = (out / "sequential.md").read_text()
+    assert md.count("\n| 1 | 2 |") == 1 and "\n| 3 | 6 |" in md and "\n| all at once | 6 |" in md
+    assert "max |residual difference|" in md
+    assert (out / "sequential.png").read_bytes()[:4] == b"\x89PNG"
+
+    monkeypatch.undo()
+    calls = _count_edits(monkeypatch)  # a finished run: nothing is edited again, the same result
+    again = run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
+    assert calls == [] and again["rounds"] == json.loads(json.dumps(rounds))
+    assert again["all_at_once"]["edit_seconds"] == batch["edit_seconds"] > 0  # kept from the run that edited
+
+
+def test_other_settings_in_the_same_folder_are_refused(tiny_llama, data_dir, tmp_path):
+    import dataclasses
+
+    model, tok = tiny_llama
+    out = tmp_path / "seq"
+    run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                   config=CFG, progress=False)
+    with pytest.raises(ValueError, match="other per_round"):
+        run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=3), output_dir=out, data_dir=data_dir,
+                       config=CFG, progress=False)
+    with pytest.raises(ValueError, match="other edit_config"):
+        run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                       config=dataclasses.replace(CFG, steps=5), progress=False)
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="neuraldb study")
+    add_study_arguments(p)
+    return p
+
+
+def test_cli_parses_rounds_by_k():
+    args = _parser().parse_args(["--sequential", "10x50"])
+    assert args.sequential == SequentialPlan(rounds=10, per_round=50) and args.sequential.facts == 500
+    assert _parser().parse_args([]).sequential is None  # the scaling study, unchanged
+
+
+@pytest.mark.parametrize("bad", ["10by50", "10x0", "x50", "10x50x2"])
+def test_cli_rejects_other_formats_naming_the_flag(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["--sequential", bad])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--sequential" in err and "ROUNDSxK" in err and "10x50" in err and bad in err
+
+
+def test_cli_dispatches_to_sequential(monkeypatch, capsys):
+    import neuraldb
+    from evals import sequential, study
+
+    seen = {}
+    monkeypatch.setattr(neuraldb, "load_model", lambda *a, **k: ("model", "tok"))
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("ran the scaling study"))
+    monkeypatch.setattr(sequential, "run_sequential", lambda *a, **k: seen.update(k) or {"fake": True})
+    monkeypatch.setattr(sequential, "render_markdown", lambda result: "TABLE")
+    args = _parser().parse_args(["--sequential", "3x4", "--sizes", "10"])
+    assert study.run_study_cli(args) == 0
+    assert seen["plan"] == SequentialPlan(rounds=3, per_round=4) and seen["output_dir"] == "reports/sequential"
+    captured = capsys.readouterr()
+    assert "TABLE" in captured.out and "does not use --sizes" in captured.err
