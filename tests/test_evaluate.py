@@ -384,9 +384,8 @@ def test_tokenizer_resolved_from_a_model_directory(edited, tmp_path):
         neuraldb.evaluate(model, db, dataset=CASES, **FAST)
 
 
-def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
-    from neuraldb.cli import main
-
+def _saved_model_and_zsre_file(tmp_path):
+    """A tiny model saved at tmp_path/model and FACTS as a zsRE file (its path): what the CLI reads."""
     model, tok = tiny_model("llama")
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -395,6 +394,13 @@ def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
                for f in FACTS]
     data = tmp_path / "z.json"
     data.write_text(json.dumps(records))
+    return data
+
+
+def test_cli_evaluate_resume_and_compare(tmp_path, capsys, monkeypatch):
+    from neuraldb.cli import main
+
+    data = _saved_model_and_zsre_file(tmp_path)
     args = ["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(data), "--n", "2", "--layer", "1",
             "--batch-size", "2", "--output-dir", str(tmp_path / "a"), "--quiet"]
     assert main(args) == 0
@@ -444,14 +450,7 @@ def test_cli_evaluate_edit_options_reach_the_edit(tmp_path, capsys, monkeypatch)
     """--chat-residuals / --residual-dtype make the edit's EditConfig; with --store (no edit) they are an error."""
     from neuraldb.cli import main
 
-    model, tok = tiny_model("llama")
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    records = [{"subject": f.subject, "src": f.text, "rephrase": f.paraphrases[0], "alt": "x",
-                "answers": [f.target_new], "loc": "the city of", "loc_ans": "london", "pred": "", "cond": ""}
-               for f in FACTS]
-    data = tmp_path / "z.json"
-    data.write_text(json.dumps(records))
+    data = _saved_model_and_zsre_file(tmp_path)
     seen = []
     real_edit = neuraldb.edit
 
