@@ -79,7 +79,13 @@ def test_possessive_and_article_rules():
     own = Fact(prompt="{}'s profession is an", subject="Apple", target_new="actor")
     assert [v.text for v in mm.mention_variants(fact=own, kinds=["possessive"])] == ["Apple's profession is an"]
     then = Fact(prompt="{} is", subject="Then", target_new="x")
-    assert mm.mention_variants(fact=then, kinds=["article_dropped"]) == []
+    assert mm.mention_variants(fact=then, kinds=["article_dropped", "article_dropped_one_word"]) == []
+    # one word left: its own kind, which the word check does not count as a mention by design
+    show = Fact(prompt="{} premiered on", subject="The Honeymooners", target_new="NBC")
+    assert [v.text for v in mm.mention_variants(fact=show, kinds=["article_dropped", "article_dropped_one_word"])
+            ] == ["Honeymooners premiered on"]
+    assert mm.mention_variants(fact=show, kinds=["article_dropped"]) == []
+    assert "article_dropped_one_word" not in by_kind(mm.mention_variants(fact=EIFFEL))
     with pytest.raises(ValueError, match="unknown mention kind"):
         mm.mention_variants(fact=own, kinds=["bogus"])
 

@@ -30,7 +30,12 @@ contains ``fact.subject`` verbatim (its first occurrence). Each source is split 
   tongue is"); a source already reading ``<subject>'s ...`` is its own possessive variant;
   any other source: not applicable (no guessing at a rephrasing);
 * ``quoted``: ``"<subject>"`` in double quotes;
-* ``article_dropped``: the leading article removed ("Eiffel Tower"), when there is one;
+* ``article_dropped``: the leading article removed ("Eiffel Tower"), when two words or more
+  remain (what ``neuraldb.words.name_variants`` counts as a mention);
+* ``article_dropped_one_word``: the same when one word remains ("Honeymooners" for "The
+  Honeymooners"): by design the word check does not count it (a lone word is too often an
+  ordinary one: "to Nanny"; ``Fact(aliases=[...])`` adds it), so this kind measures what that
+  rule costs, apart from the kinds it supports;
 * ``question``: ``"Question: " + text + "? Answer:"`` (the completion stays at the end).
 
 Scores, per kind and case, over that case's variants of that kind:
@@ -64,7 +69,8 @@ __all__ = ["INTERVALS", "KINDS", "MID_PREFIX", "MentionVariant", "mention_gate",
            "subject_last_token", "summarize_mentions"]
 
 log = logging.getLogger(__name__)
-KINDS = ("exact", "lower_article", "mid_sentence", "possessive", "quoted", "article_dropped", "question")
+KINDS = ("exact", "lower_article", "mid_sentence", "possessive", "quoted", "article_dropped", "article_dropped_one_word",
+         "question")
 MID_PREFIX = "As everyone knows, "
 ARTICLES = ("The", "A", "An")
 INTERVALS = ("ES: Wilson when every applicable case has one variant of the kind, else Student t of per-case "
@@ -122,8 +128,10 @@ def _variant(kind: str, source: int, prefix: str, subject: str, suffix: str) -> 
         return MentionVariant(kind, source, prefix, subject, suffix)
     if kind == "lower_article":
         return MentionVariant(kind, source, prefix, subject[0].lower() + subject[1:], suffix) if article else None
-    if kind == "article_dropped":
-        return MentionVariant(kind, source, prefix, subject[len(article) + 1:], suffix) if article else None
+    if kind in ("article_dropped", "article_dropped_one_word"):
+        rest = subject[len(article) + 1:] if article else ""
+        one_word = len(rest.split()) == 1
+        return MentionVariant(kind, source, prefix, rest, suffix) if rest and one_word == kind.endswith("word") else None
     if kind == "mid_sentence":
         return MentionVariant(kind, source, prefix[:start] + MID_PREFIX, subject, suffix) if starts_sentence else None
     if kind == "quoted":
