@@ -112,6 +112,17 @@ def _chat_contexts(tokenizer: Any, config: EditConfig) -> list[str]:
     return [chat]
 
 
+def _why(unreached: dict[str, Any]) -> str:
+    """The cosine behind a ``gate_shut`` / ``outranked`` reason, for the warning."""
+    if "cosine" not in unreached:
+        return ""
+    if unreached["reason"] == "gate_shut":
+        return f" (cosine {unreached['cosine']} <= {unreached['threshold']})"
+    if unreached["reason"] == "outranked":
+        return f" (cosine {unreached['cosine']} > {unreached['threshold']}, but another fact's key is nearer)"
+    return ""
+
+
 def _self_check(model: nn.Module, tokenizer: Any, db: NeuralDB, facts: Sequence[Fact], *, strict: bool,
                 batch_size: int) -> None:
     """Record, then warn about (or with ``strict`` raise on) the facts whose own texts cannot fire them."""
@@ -121,9 +132,7 @@ def _self_check(model: nn.Module, tokenizer: Any, db: NeuralDB, facts: Sequence[
         record["edit"] = dict(record.get("edit") or {}, unreached=texts)
     if not found:
         return
-    lines = [f"  {fid}: {t['reason']}"
-             + (f" (cosine {t['cosine']} <= {t['threshold']})" if t["reason"] == "gate_shut" and "cosine" in t else "")
-             + f": {t['text']!r}" for fid, texts in found.items() for t in texts]
+    lines = [f"  {fid}: {t['reason']}{_why(t)}: {t['text']!r}" for fid, texts in found.items() for t in texts]
     message = (f"{len(found)} of {len(facts)} edited facts cannot fire on their own prompt or a paraphrase "
                f"(db.unreachable() lists them; reasons: neuraldb.reach):\n" + "\n".join(lines[:20])
                + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""))

@@ -19,8 +19,10 @@ text where it did not, the reason:
   tokenizer that adds BOS;
 * ``no_word_match``: the word check finds no mention of the subject in the text
   (the paraphrase names it in a form the check does not accept): add an alias;
-* ``gate_shut``: the subject is there but the cosine stays below the threshold or
-  another fact's key is nearer.
+* ``gate_shut``: the subject is there but the cosine with its key stays below the threshold;
+* ``outranked``: the cosine passes the threshold, but another stored fact's key is nearer at
+  the subject, and the gate retrieves only the nearest key (whose word check then fails there
+  or whose fact is another subject's).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .words import mention_positions
 __all__ = ["UnreachableFactError", "find_unreached", "unreachable", "REASONS"]
 
 log = logging.getLogger(__name__)
-REASONS = ("subject_at_sink", "no_word_match", "gate_shut")
+REASONS = ("subject_at_sink", "no_word_match", "gate_shut", "outranked")
 
 
 class UnreachableFactError(ValueError):
@@ -96,6 +98,8 @@ def _reason(tokenizer: Any, db: Any, fact: Fact, text: str, row: int, cosines: l
             pass
     if bool(db.word_checked[row]) and not mentions:
         return {"reason": "no_word_match"} | found
+    if "cosine" in found and found["cosine"] > threshold:
+        return {"reason": "outranked"} | found
     return {"reason": "gate_shut"} | found
 
 

@@ -63,3 +63,28 @@ def test_edit_warns_records_and_strict_raises(tiny_llama, caplog):
     with pytest.raises(UnreachableFactError, match="subject_at_sink") as info:
         neuraldb.edit(model, tok, facts[:1], config=cfg, progress=False, strict=True)
     assert isinstance(info.value.db, NeuralDB) and facts[0].id in info.value.db  # the work is kept
+
+
+def test_a_nearer_key_of_another_subject_is_reported_as_outranked(tiny_llama):
+    from neuraldb import resolve_arch
+    from neuraldb.nethook import Trace
+
+    model, tok = tiny_llama
+    arch = resolve_arch(model)
+    with Trace(model, arch.mlp_out_at(1), retain_input=True) as t:
+        model(tok("the city of rome", return_tensors="pt").input_ids)
+    at_rome = t.input[0, -1]  # (d_ff,) the query where "rome" ends
+    near = at_rome + 0.3 * at_rome.norm() / at_rome.numel() ** 0.5 * torch.randn(at_rome.shape,
+                                                                                generator=torch.Generator().manual_seed(0))
+    d_model = model.get_input_embeddings().weight.shape[1]
+    db = NeuralDB(layer=1, d_key=at_rome.numel(), d_model=d_model, gamma=0.5, module_template=arch.mlp_out)
+    # "rome"'s own key passes the threshold there, but "italy"'s key is the query itself: the nearest
+    db.add(["rome", "italy"], torch.stack([near, at_rome]), torch.ones(2, d_model),
+           words=subject_words(tok, ["rome", "italy"]))
+    db.word_starts = word_start_tokens(tok)
+    db.facts = {"rome": {"subject": "rome"}, "italy": {"subject": "italy"}}
+    fact = Fact(prompt="the city of {} is in", subject="rome", target_new="x", id="rome")
+    [found] = find_unreached(model, tok, db, [fact])["rome"]
+    assert found["reason"] == "outranked" and found["cosine"] > found["threshold"] == 0.5
+    db.remove(["italy"], stale_ok=True)  # without the nearer key it fires
+    assert find_unreached(model, tok, db, [fact]) == {}
