@@ -245,6 +245,7 @@ def _run_edit(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     facts = _load_facts(args.facts)[: args.n]
     cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
+                     chat_residuals=args.chat_residuals,
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     base = NeuralDB.load(out, model=model) if append else None
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
@@ -296,6 +297,9 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
                    "with bfloat16 units); default: the model's own")
     p.add_argument("--no-word-check", action="store_true",
                    help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
+    p.add_argument("--chat-residuals", action="store_true",
+                   help="also optimise each residual on the prompt asked as a chat turn, so the edit carries into "
+                   "chat use (EditConfig.chat_residuals; README, 'Mentions, chat use')")
 
 
 def _command_in(argv: Sequence[str]) -> str | None:

@@ -300,3 +300,15 @@ def test_a_truncated_facts_file_is_named_with_line_and_column(tiny_edit, tmp_pat
     assert run("--facts", bad, "--out", out) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "line 1 column" in err
+
+
+def test_edit_chat_residuals_flag_reaches_the_config(tiny_edit, monkeypatch):
+    import neuraldb
+
+    run, facts, out = tiny_edit
+    seen, real = [], neuraldb.edit
+    monkeypatch.setattr(neuraldb, "edit", lambda *a, config, **kw: seen.append(config) or real(*a, config=config, **kw))
+    assert run("--facts", facts, "--out", out, "--chat-residuals") == 0
+    assert seen[-1].chat_residuals is True
+    assert run("--facts", facts, "--out", out.with_name("plain.safetensors")) == 0
+    assert seen[-1].chat_residuals is False
