@@ -195,8 +195,10 @@ def edit(
         plan = _plan(db, facts)
         if not plan.todo:
             return db
-        step = make_step(model, tokenizer, config, arch=arch, layer=layer, templates=templates)
-        _check_lengths(model, tokenizer, plan.todo, step.residual_templates)
+        residual_templates = templates + _chat_contexts(tokenizer, config)
+        _check_lengths(model, tokenizer, plan.todo, residual_templates)  # before any work (a bfloat16 copy)
+        step = make_step(model, tokenizer, config, arch=arch, layer=layer, templates=templates,
+                         residual_templates=residual_templates)
         old = [r.old_id for r in plan.replaced]
         stored = _stored_by_subject(db, exclude=old) if config.share_subject_residuals else {}
         todo, replaces, refit = list(plan.todo), plan.old_ids, []
@@ -259,12 +261,15 @@ def _plan(db: NeuralDB, facts: Sequence[Fact]) -> UpsertPlan:
 
 
 def make_step(model: nn.Module, tokenizer: Any, config: EditConfig, *, arch: Any, layer: int,
-              templates: list[str]) -> "_Step":
+              templates: list[str], residual_templates: list[str] | None = None) -> "_Step":
     """What every batch of an edit (or a re-fit, :func:`neuraldb.forget`) shares, for a model
-    already detached and in eval mode."""
+    already detached and in eval mode; ``residual_templates`` default: ``templates`` and the chat
+    turn when ``config.chat_residuals`` asks for it."""
+    if residual_templates is None:
+        residual_templates = templates + _chat_contexts(tokenizer, config)
     return _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
                  key_templates=templates if config.bare_weight > 0 else templates[1:],
-                 residual_templates=templates + _chat_contexts(tokenizer, config),
+                 residual_templates=residual_templates,
                  optimised=optimisation_model(model, config.residual_dtype))
 
 
