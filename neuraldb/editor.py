@@ -43,6 +43,7 @@ from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
+from .timing import phase
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
 
@@ -189,8 +190,9 @@ def edit(
     db, templates = _resume(model, config, layer, db, ckpt)
     with detached(model), _eval_mode(model):  # keys and residuals are always computed on the unedited model
         if not templates:
-            templates = context_templates(model, tokenizer, prefixes=config.context_prefixes,
-                                          length=config.context_length, seed=config.context_seed)
+            with phase("context_templates"):
+                templates = context_templates(model, tokenizer, prefixes=config.context_prefixes,
+                                              length=config.context_length, seed=config.context_seed)
         db = db if db is not None else _new_store(model, config, layer, templates)
         plan = _plan(db, facts)
         if not plan.todo:
@@ -215,7 +217,8 @@ def edit(
         db.last_edit = EditReport(added=tuple(f.id for f in todo), replaced=plan.replaced, unchanged=plan.unchanged,
                                   removed=tuple(old), refit=tuple(dict.fromkeys(i for i in refit if i not in new)))
         if check or strict:
-            _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
+            with phase("self_check"):
+                _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
     return db
 
 
@@ -267,10 +270,12 @@ def make_step(model: nn.Module, tokenizer: Any, config: EditConfig, *, arch: Any
     turn when ``config.chat_residuals`` asks for it."""
     if residual_templates is None:
         residual_templates = templates + _chat_contexts(tokenizer, config)
+    with phase("optimisation_model"):
+        optimised = optimisation_model(model, config.residual_dtype)
     return _Step(model=model, tokenizer=tokenizer, config=config, arch=arch, layer=layer,
                  key_templates=templates if config.bare_weight > 0 else templates[1:],
                  residual_templates=residual_templates,
-                 optimised=optimisation_model(model, config.residual_dtype))
+                 optimised=optimised)
 
 
 def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,
@@ -326,8 +331,9 @@ def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, 
     (``EditConfig.share_subject_residuals``; ``stored`` is kept up to date). Returns their ids."""
     config, tokenizer = step.config, step.tokenizer
     earlier = [g for subject in dict.fromkeys(f.subject for f in batch) for g in stored.get(subject, [])]
-    keys = compute_keys(step.model, tokenizer, batch, layer=step.layer, templates=step.key_templates,
-                        bare_weight=config.bare_weight, arch=step.arch)  # (n, d_key)
+    with phase("keys"):
+        keys = compute_keys(step.model, tokenizer, batch, layer=step.layer, templates=step.key_templates,
+                            bare_weight=config.bare_weight, arch=step.arch)  # (n, d_key)
     together = batch + earlier
     residuals, info = compute_residuals(
         step.optimised, tokenizer, together, layer=step.layer, templates=step.residual_templates, config=config,
@@ -346,7 +352,8 @@ def _edit_batch(step: _Step, db: NeuralDB, batch: list[Fact], stored: dict[str, 
     old = [o for f in batch for o in replaces.get(f.id, ())]
     if old:
         db.remove(old, stale_ok=True)  # their siblings were re-optimised above, without them
-    db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
+    with phase("store_add"):
+        db.add([f.id for f in batch], keys, residuals[: len(batch)], facts=records, words=words)
     if config.share_subject_residuals:
         for f in batch:
             stored.setdefault(f.subject, []).append(f)

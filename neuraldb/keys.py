@@ -24,11 +24,13 @@ from torch import nn
 
 from .arch import ModelArch, resolve_arch
 from .facts import Fact, locate_subject
+from .model_cache import PerModel
 from .nethook import layer_input
 
 __all__ = ["calibration_queries", "chat_context", "context_templates", "compute_keys", "pad_batch", "model_device"]
 
 log = logging.getLogger(__name__)
+_TEMPLATES = PerModel(per_model=8)  # context templates per live model (weakly keyed), see context_templates
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -53,16 +55,31 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def context_templates(
-    model: nn.Module, tokenizer: Any, *, prefixes: Sequence[str], length: int, seed: int = 0
+    model: nn.Module, tokenizer: Any, *, prefixes: Sequence[str], length: int, seed: int = 0, cache: bool = True
 ) -> list[str]:
     """``["{}"] + [<continuation of prefix> + ". {}" for each prefix]``.
 
     Top-5 sampling (MEMIT's ``generate_fast``) under a fixed seed, without
     touching the caller's random state, so the templates are reproducible.
     Braces and line breaks in generated text are removed.
+
+    With ``cache`` the templates are generated once per model (held by a weak reference,
+    :mod:`neuraldb.model_cache`), tokenizer, prefixes, length and seed, and again when the
+    model's parameters change: an edit of a few facts no longer spends most of its fixed
+    cost generating the same five texts.
     """
+    if not cache:
+        return _generate_templates(model, tokenizer, prefixes=prefixes, length=length, seed=seed)
+    key = (tuple(prefixes), int(length), int(seed), id(tokenizer), getattr(tokenizer, "name_or_path", None),
+           len(tokenizer))
+    return list(_TEMPLATES.get(model, key, lambda: tuple(
+        _generate_templates(model, tokenizer, prefixes=prefixes, length=length, seed=seed))))
+
+
+@torch.no_grad()
+def _generate_templates(model: nn.Module, tokenizer: Any, *, prefixes: Sequence[str], length: int,
+                        seed: int) -> list[str]:
     out = ["{}"]
     device = model_device(model)
     devices = [device] if device.type == "cuda" else []

@@ -40,11 +40,14 @@ from .config import EditConfig
 from .facts import Fact
 from .keys import model_device
 from .residual_batch import _groups, _Groups, _layout
+from .model_cache import PerModel
+from .timing import phase
 from .residual_runner import _runner, _Runner, _Unedited, _unedited
 
 __all__ = ["compute_residuals", "ResidualInfo", "optimisation_model"]
 
 log = logging.getLogger(__name__)
+_VERIFIED = PerModel(per_model=16)  # (layer names, prefix cache or not) whose shortcuts matched the full model
 
 
 @dataclass
@@ -104,7 +107,8 @@ def compute_residuals(
     ``s0``. Nothing before ``s0`` depends on ``delta``, so with ``prefix_cache`` the
     optimisation runs only columns ``s0..`` through the layers after ``layer``, with
     the keys and values of the earlier columns cached from one unedited pass
-    (checked against the full pass; if the model's cache cannot do this, every
+    (checked against the full pass once per model, layers and mode while the model is
+    unchanged: :mod:`neuraldb.model_cache`; if the model's cache cannot do this, every
     column is recomputed instead).
 
     The steps, in order: lay the batch out (:mod:`neuraldb.residual_batch`), compute the
@@ -113,21 +117,26 @@ def compute_residuals(
     Adam (:func:`_optimise`).
     """
     arch = arch or resolve_arch(model)
-    lay = _layout(tokenizer, facts, templates, config.kl_prompt, model_device(model))
-    grp = _groups(groups, len(facts), lay.ids.device)
-    run = _runner(model, arch, layer, lay, prefix_cache)
-    init, ok = _unedited(run)
+    with phase("layout"):
+        lay = _layout(tokenizer, facts, templates, config.kl_prompt, model_device(model))
+        grp = _groups(groups, len(facts), lay.ids.device)
+    with phase("prefix_pass"):
+        run = _runner(model, arch, layer, lay, prefix_cache)
+    init, ok = _unedited(run, check=not _VERIFIED.has(model, (*run.layer_names, bool(run.start))))
     if run.start and not ok:
         log.info("prefix cache does not reproduce the full pass for %s; recomputing every column", type(model).__name__)
         run = replace(run, start=0, cache=None)
-        init, ok = _unedited(run)
-    if not ok:
+        init, ok = _unedited(run, check=not _VERIFIED.has(model, (*run.layer_names, False)))
+    if ok:
+        _VERIFIED.put(model, (*run.layer_names, bool(run.start)), True)
+    else:
         raise RuntimeError(
             f"{type(model).__name__}: base_model + output embeddings do not reproduce the model's "
             "logits; this architecture post-processes logits in a way neuraldb does not know"
         )
     fact_h_norm = init.h[lay.bare_rows, lay.s0].norm(dim=1)  # (n_facts,) ROME's target_init
-    return _optimise(run, init, grp, fact_h_norm, config)
+    with phase("adam_loop"):
+        return _optimise(run, init, grp, fact_h_norm, config)
 
 
 # --- the optimisation -----------------------------------------------------------------
@@ -164,7 +173,8 @@ def _optimise(
     with _frozen(run.model), torch.enable_grad():
         for step in range(config.steps):
             seq_on, fact_on = active[seq_group], active[grp.of_fact]  # rows / facts still optimising
-            nll, kl = _losses(run, init, delta, seq_group, seq_on, fact_on, caches)  # (n_facts,) each
+            with phase("adam_forward"):  # part of adam_loop
+                nll, kl = _losses(run, init, delta, seq_group, seq_on, fact_on, caches)  # (n_facts,) each
             wd = config.weight_decay * delta.norm(dim=1) / h_norm**2  # (n_groups,)
             loss = grp.mean(nll + config.kl_factor * kl) + wd  # (n_groups,)
             loss_now = loss.detach()
@@ -179,11 +189,12 @@ def _optimise(
                     break
                 loss = torch.where(active, loss, torch.zeros_like(loss))
                 caches = run.block_caches(active[seq_group])
-            frozen = delta.detach().clone()
-            opt.zero_grad()
-            loss.sum().backward()
-            opt.step()
-            _project(delta, frozen, active, max_norm)
+            with phase("adam_backward"):  # part of adam_loop
+                frozen = delta.detach().clone()
+                opt.zero_grad()
+                loss.sum().backward()
+                opt.step()
+                _project(delta, frozen, active, max_norm)
 
     info.loss = last_loss[grp.of_fact].tolist()
     info.nll = last_nll.tolist()
@@ -208,7 +219,9 @@ def _losses(
             continue
         h_edit = init.h[sel, start:end].clone()  # (n_sel, end - start, d_model)
         h_edit[:, lay.s0 - start] += delta[seq_group[sel]]
-        out = run.edited(sel, end, h_edit, init.as_tuple, copy.deepcopy(caches[b]))  # a forward appends to a cache
+        with phase("cache_copy"):  # part of adam_forward
+            cache = copy.deepcopy(caches[b])  # a forward appends to a cache
+        out = run.edited(sel, end, h_edit, init.as_tuple, cache)
         tok_on = seq_on[lay.tok_row] & (lay.tok_block == b)
         logits = run.logits(out, sel, lay.tok_row[tok_on], lay.tok_col[tok_on])  # (n_tok, vocab)
         tok_nll = F.cross_entropy(logits, lay.tok_lab[tok_on], reduction="none") * lay.tok_w[tok_on]  # (n_tok,)
