@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--naive-n", type=int, default=None, help="facts for the naive loop (default: --n)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128, help="facts optimised together (default 128, EditConfig's)")
+    ap.add_argument("--memory-budget-gb", type=float, default=EditConfig.memory_budget_gb,
+                    help="EditConfig.memory_budget_gb (default EditConfig's; 0 = no bound, batch-size alone)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--residual-dtypes", default="model",
                     help="comma list of EditConfig.residual_dtype values to time, 'model' = the model's own "
@@ -99,7 +101,7 @@ def main() -> None:
     model, tok = load(args)
     cases = load_counterfact(data_dir=args.data_dir, limit=args.n)
     facts = [c.fact for c in cases]
-    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size)
+    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb or None)
     arch = neuraldb.resolve_arch(model)
     layer = cfg.layer if cfg.layer is not None else arch.default_layer
 
@@ -130,7 +132,8 @@ def main() -> None:
     naive_rate = 1.0 / statistics.median(per_fact)
     s_naive = scores(model, tok, naive, cases[:naive_n])
     dev = device_name(args.device)
-    print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}")
+    print(f"device: {dev}; model {args.model}, layer {layer}, {len(facts)} CounterFact facts, batch {args.batch_size}, "
+          f"memory_budget_gb {cfg.memory_budget_gb}")
     print(f"naive loop : median {statistics.median(per_fact):.2f} s/fact over {naive_n} facts = {naive_rate:.3f} facts/s; "
           f"ES {100 * s_naive['efficacy']:.1f}, PS {100 * s_naive['generalization']:.1f}")
     for name, (db, secs) in modes.items():

@@ -45,7 +45,13 @@ class EditConfig:
     weight_decay: weight of ||delta|| / ||h||^2.
     clamp_norm_factor: after each step ||delta|| <= factor * ||h||.
     early_stop_loss: a fact stops optimising once its loss is below this.
-    batch_size: facts optimised together (their residuals are independent).
+    batch_size: facts optimised together (their residuals are independent), at most.
+    memory_budget_gb: the memory one optimisation batch may add, in GB (default 3.0, so an
+        edit of 128 facts on SmolLM2-135M stays under 4 GB RSS with the model): a batch holds
+        at most ``budget / neuraldb.editor.batch_bytes_per_fact(model, config)`` facts (an
+        estimate from the model's shape, fitted on SmolLM2: README, "Benchmarks"). None = no
+        bound (``batch_size`` alone). Like ``batch_size`` it only groups facts: results and
+        resumes do not depend on it.
     residual_dtype: run the residual optimisation on a copy of the model in this dtype
         (e.g. "bfloat16": about 1.7x faster on CPUs with bfloat16 units, see the
         README's benchmarks); delta, the loss and Adam stay float32, keys always come
@@ -85,6 +91,7 @@ class EditConfig:
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 5e-2
     batch_size: int = 128
+    memory_budget_gb: float | None = 3.0
     residual_dtype: str | None = None
     share_subject_residuals: bool = True
     word_check: bool = True
@@ -111,6 +118,10 @@ class EditConfig:
         need(self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(self.clamp_norm_factor > 0, "clamp_norm_factor", "use a value > 0")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use an int >= 1")
+        need(self.memory_budget_gb is None or (isinstance(self.memory_budget_gb, Real)
+                                               and not isinstance(self.memory_budget_gb, bool)
+                                               and self.memory_budget_gb > 0),
+             "memory_budget_gb", "use a number of GB > 0, or None for no bound")
         need(self.residual_dtype in (None, "float32", "bfloat16", "float16", "float64"), "residual_dtype",
              "use None (the model's dtype) or one of 'float32', 'bfloat16', 'float16', 'float64'")
         need(0.0 <= self.bare_weight <= 1.0, "bare_weight", "use a weight in [0, 1]")

@@ -47,7 +47,7 @@ from .timing import phase
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
 
-__all__ = ["edit"]
+__all__ = ["edit", "batch_bytes_per_fact", "facts_per_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,12 @@ def edit(
         old = [r.old_id for r in plan.replaced]
         stored = _stored_by_subject(db, exclude=old) if config.share_subject_residuals else {}
         todo, replaces, refit = list(plan.todo), plan.old_ids, []
+        fits = facts_per_batch(model, config, layer=layer, templates=len(residual_templates))
+        per_batch = -(-len(todo) // -(-len(todo) // fits))  # as many batches as needed, of even sizes
         t0 = time.perf_counter()
         with tqdm(total=len(todo), desc="neuraldb.edit", unit="fact", disable=not progress) as bar:
-            for b, start in enumerate(range(0, len(todo), config.batch_size)):
-                batch = todo[start : start + config.batch_size]
+            for b, start in enumerate(range(0, len(todo), per_batch)):
+                batch = todo[start : start + per_batch]
                 refit += _edit_batch(step, db, batch, stored, replaces)
                 bar.update(len(batch))
                 if ckpt is not None and ((b + 1) % checkpoint_every == 0 or start + len(batch) >= len(todo)):
@@ -220,6 +222,66 @@ def edit(
             with phase("self_check"):
                 _self_check(model, tokenizer, db, todo, strict=strict, batch_size=config.batch_size)
     return db
+
+
+def batch_bytes_per_fact(model: nn.Module, config: EditConfig, *, layer: int | None = None,
+                         templates: int | None = None) -> int:
+    """Estimated peak bytes one fact adds to a batch of the residual optimisation.
+
+    Example::
+
+        batch_bytes_per_fact(model, EditConfig())   # SmolLM2-135M: 55 MB (README, "Benchmarks")
+
+    Per fact, one row per residual template (``templates``, default: the bare prompt and one per
+    context prefix, + the chat turn) and one KL row, each of about 24 tokens; per row: the
+    activations kept for the backward pass through the layers after ``layer`` (about 10 columns
+    after the subject, ~3 d_ff + 8 d_model values per column and layer, in ``residual_dtype``),
+    the cached prefix's keys and values of every layer and the per-step copy of them, and the
+    float32 logits of ~3 scored tokens (logits, log-softmax, gradient). ``_FIT`` scales the sum to
+    what ``benchmarks/edit_memory.py`` measures on SmolLM2-135M.
+    """
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "text_config", None) or cfg
+    arch = resolve_arch(model, layers=config.layers_template, mlp_out=config.mlp_out_template,
+                        residual_out=config.residual_out_template)
+    layer = layer if layer is not None else (config.layer if config.layer is not None else arch.default_layer)
+    d_model = int(model.get_input_embeddings().weight.shape[1])
+    d_ff = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * d_model)
+    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 1)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    kv_dim = d_model // heads * kv_heads
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    dtype = getattr(torch, config.residual_dtype) if config.residual_dtype else next(model.parameters()).dtype
+    b = torch.finfo(dtype).bits // 8
+    if templates is None:
+        templates = 1 + len(config.context_prefixes) + int(config.chat_residuals)
+    after = max(arch.n_layers - layer - 1, 1)
+    per_row = (b * (after * 10 * (3 * d_ff + 8 * d_model) + arch.n_layers * 24 * 2 * kv_dim * 2)
+               + 4 * 3 * 3 * vocab)
+    return int(_FIT * (templates + 1) * per_row)
+
+
+_FIT = 0.75  # measured / estimated bytes per fact, SmolLM2-135M float32: 55 / 73 MB (benchmarks/edit_memory.py)
+
+
+def facts_per_batch(model: nn.Module, config: EditConfig, *, layer: int | None = None,
+                    templates: int | None = None) -> int:
+    """How many facts one optimisation batch holds: ``config.batch_size``, fewer when
+    ``config.memory_budget_gb`` cannot hold that many (:func:`batch_bytes_per_fact`); at least 1.
+
+    Example::
+
+        facts_per_batch(model, EditConfig())                        # SmolLM2-135M: 128 -> 55
+        facts_per_batch(model, EditConfig(memory_budget_gb=None))   # 128
+    """
+    if config.memory_budget_gb is None:
+        return config.batch_size
+    per_fact = batch_bytes_per_fact(model, config, layer=layer, templates=templates)
+    fits = max(1, int(config.memory_budget_gb * 2**30 // per_fact))
+    if fits < config.batch_size:
+        log.debug("memory_budget_gb=%s: %d facts per batch (estimated %.0f MB per fact) instead of %d",
+                  config.memory_budget_gb, fits, per_fact / 2**20, config.batch_size)
+    return min(config.batch_size, fits)
 
 
 def _context_limit(model: nn.Module) -> tuple[int, str] | None:
@@ -281,14 +343,15 @@ def make_step(model: nn.Module, tokenizer: Any, config: EditConfig, *, arch: Any
 def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,
             ckpt: Path | None) -> tuple[NeuralDB | None, list[str]]:
     """The store to add to (``db``, else the checkpoint if it exists) and its context templates;
-    a store built with another EditConfig is an error (``batch_size`` only groups facts)."""
+    a store built with another EditConfig is an error (``batch_size`` and ``memory_budget_gb`` only
+    group facts)."""
     if db is None and ckpt is not None and ckpt.exists():
         db = NeuralDB.load(ckpt, model=model, layer=layer)
         log.info("resuming from %s: %d facts already done", ckpt, len(db))
     if db is None:
         return None, []
     db.check_compatible(model, layer=layer)
-    ignore = ("context_templates", "layer", "batch_size")
+    ignore = ("context_templates", "layer", "batch_size", "memory_budget_gb")
     defaults = EditConfig().to_dict()  # a field added since the store was written has its default
     saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
     if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .arch import resolve_arch
 from .config import EditConfig
-from .editor import _eval_mode, _subject_groups, make_step, stored_fact
+from .editor import _eval_mode, _subject_groups, facts_per_batch, make_step, stored_fact
 from .facts import Fact, encode_completion
 from .hook import detached
 from .identity import EditReport
@@ -105,7 +105,8 @@ def refit_siblings(model: nn.Module, tokenizer: Any, db: NeuralDB, ids: Sequence
         step = make_step(model, tokenizer, config, arch=arch, layer=db.layer,
                          templates=list(db.config.get("context_templates") or []))
         facts += _unedited_answers(model, tokenizer, [f for f in restore if f.subject in subjects])
-        for chunk in _subject_chunks(facts, config.batch_size):
+        per_batch = facts_per_batch(model, config, layer=db.layer, templates=len(step.residual_templates))
+        for chunk in _subject_chunks(facts, per_batch):  # memory_budget_gb bounds a chunk as it bounds an edit's batch
             residuals, _ = compute_residuals(step.optimised, tokenizer, chunk, layer=db.layer,
                                              templates=step.residual_templates, config=config, arch=arch,
                                              groups=_subject_groups(chunk))
