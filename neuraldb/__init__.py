@@ -35,6 +35,7 @@ _LAZY = {
     "NeuralDB": ".store",
     "StoreError": ".store",
     "edit": ".editor",
+    "edit_distributed": ".distributed",
     "forget": ".refit",
     "EditReport": ".identity",
     "Replacement": ".identity",

@@ -238,15 +238,26 @@ def _edit_plan(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     return out, ckpt, bool(args.append and out.exists() and not resuming)
 
 
-def _run_edit(args: argparse.Namespace) -> int:
-    out, ckpt, append = _edit_plan(args)
-    from . import EditConfig, NeuralDB, edit, load_model
+def _edit_config(args: argparse.Namespace) -> Any:
+    """The :class:`~neuraldb.config.EditConfig` of ``neuraldb edit``'s options."""
+    from . import EditConfig
 
-    model, tok = load_model(args.model)
+    return EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
+                      chat_residuals=args.chat_residuals,
+                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from .distributed import launched, run_edit_cli
+
+    if launched():  # started by torchrun with more than one process: neuraldb.distributed
+        return run_edit_cli(args)
+    out, ckpt, append = _edit_plan(args)
+    from . import NeuralDB, edit, load_model
+
+    model, tok = load_model(args.model, device=args.device)
     facts = _load_facts(args.facts)[: args.n]
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
-                     chat_residuals=args.chat_residuals,
-                     **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+    cfg = _edit_config(args)
     base = NeuralDB.load(out, model=model) if append else None
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
     db.save(out)
@@ -291,6 +302,9 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
                         "before the suffix); removed when the run finishes")
     p.add_argument("--n", type=int, default=None, help="edit the first N facts (N >= 1; default: all)")
     p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--device", default=None,
+                   help="device of the model, e.g. cuda:0 (default: cpu; under torchrun, cuda:LOCAL_RANK when CUDA is "
+                        "available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
     p.add_argument("--residual-dtype", default=None,
                    help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "

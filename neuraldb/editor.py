@@ -155,7 +155,8 @@ def edit(
     progress: bool = True,
     check: bool = True,
     strict: bool = False,
-) -> NeuralDB:
+    distributed: bool = False,
+) -> NeuralDB | None:
     """Compute a key and a residual for each fact; return the store (not attached).
 
     Args:
@@ -176,7 +177,18 @@ def edit(
             fact (:mod:`neuraldb.reach`): a warning lists them, ``db.unreachable()`` returns them.
         strict: raise :class:`~neuraldb.reach.UnreachableFactError` (with the finished store
             as its ``db`` attribute) instead of warning.
+        distributed: shard the facts across the ranks of ``torch.distributed`` (every rank makes
+            this same call, e.g. under ``torchrun``): :func:`neuraldb.distributed.edit_distributed`.
+            Rank 0 gets the whole store, equal to this function's; the other ranks get None.
     """
+    if distributed:
+        if db is not None:
+            raise StoreError("distributed=True edits into a new store only (db= is given): edit the facts into a "
+                             "new store, or add them to this one in a single process")
+        from .distributed import edit_distributed
+
+        return edit_distributed(model, tokenizer, facts, config=config, checkpoint=checkpoint,
+                                checkpoint_every=checkpoint_every, progress=progress, check=check, strict=strict)
     config = config or EditConfig()
     facts = validate_facts(facts)
     check_conflicts(facts)
