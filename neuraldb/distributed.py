@@ -2,7 +2,8 @@
 
 Example (a script launched with ``torchrun --nproc-per-node 2 edit.py``)::
 
-    model, tok = neuraldb.load_model("smollm2-135m", device=neuraldb.distributed.local_device())
+    from neuraldb.distributed import local_device
+    model, tok = neuraldb.load_model("smollm2-135m", device=local_device())
     db = neuraldb.edit(model, tok, facts, distributed=True)   # every rank runs the same call
     if db is not None:                                         # rank 0: the whole store
         db.save("store.safetensors")
@@ -52,7 +53,8 @@ from .facts import Fact, check_conflicts, validate_facts
 from .identity import EditReport
 from .store import NeuralDB, StoreError, layer_fingerprint
 
-__all__ = ["TIMEOUT", "edit_distributed", "launched", "local_device", "rank_checkpoint", "shard"]
+__all__ = ["TIMEOUT", "DistributedEditError", "edit_distributed", "launched", "local_device", "rank_checkpoint", "run_edit_cli",
+           "shard"]
 
 log = logging.getLogger(__name__)
 
