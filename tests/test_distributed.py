@@ -34,7 +34,16 @@ import neuraldb
 model, tok = neuraldb.load_model(sys.argv[1])
 facts = json.load(open(sys.argv[2]))
 import torch.distributed as dist, os
-lr = 0.5 if sys.argv[5] == "same" or os.environ["RANK"] == "0" else 0.4
+lr = 0.5 if sys.argv[5] != "differ" or os.environ["RANK"] == "0" else 0.4
+if sys.argv[5] == "kill" and os.environ["RANK"] == "1":  # rank 1 dies after its first batch, as if killed
+    from neuraldb import editor
+    real, done = editor._edit_batch, []
+    def dies(*args, **kwargs):
+        if done:
+            os._exit(9)
+        done.append(real(*args, **kwargs))
+        return done[-1]
+    editor._edit_batch = dies
 db = neuraldb.edit(model, tok, facts, config=neuraldb.EditConfig(batch_size=2, lr=lr), checkpoint=sys.argv[3],
                    distributed=True, progress=False)
 print("rank", os.environ["RANK"], "got", None if db is None else len(db))
@@ -159,6 +168,19 @@ def test_python_api_and_resume_per_rank(folder: Path, single: NeuralDB):
     assert torch.equal(resumed.residuals[rest], single.residuals[rest])  # the rest as a single process
     assert torch.equal(resumed.keys, single.keys)
     assert not list(folder.glob("api.partial.rank*"))
+
+
+def test_a_killed_rank_resumes_from_its_checkpoint(folder: Path, single: NeuralDB):
+    ckpt = folder / "kill.partial.safetensors"
+    out = folder / "kill.safetensors"
+    killed = _run([str(folder / "edit.py"), str(folder / "model"), str(folder / "facts.json"), str(ckpt), str(out),
+                   "kill"], cwd=folder, nproc=2)
+    assert killed.returncode != 0 and not out.exists()
+    assert len(NeuralDB.load(rank_checkpoint(ckpt, 1, 2))) == 2  # its first batch of 2 facts
+    done = _edit(folder, out, "--batch-size", "2", "--checkpoint", str(ckpt), "--resume", nproc=2)
+    assert done.returncode == 0, done.stderr
+    assert _same_store(single, NeuralDB.load(out)) == 0.0
+    assert not list(folder.glob("kill.partial.rank*"))
 
 
 def test_ranks_with_different_configs_stop_with_an_error(folder: Path):
