@@ -251,6 +251,12 @@ def edit_distributed(
 ) -> NeuralDB | None:
     """:func:`neuraldb.edit` with the facts sharded across the ranks of ``torch.distributed``.
 
+    Example (every rank runs it: ``torchrun --nproc-per-node 2 script.py``)::
+
+        db = edit_distributed(model, tok, facts, config=EditConfig(batch_size=64), checkpoint="run.safetensors")
+        if db is not None:          # rank 0
+            db.save("store.safetensors")
+
     Every rank calls it with the same model, facts and config (checked: a rank that differs is
     an error on every rank). Returns the whole store on rank 0, None on the other ranks.
     ``checkpoint``: each rank writes :func:`rank_checkpoint` of it and, when that file exists,
