@@ -53,8 +53,8 @@ from .facts import Fact, check_conflicts, validate_facts
 from .identity import EditReport
 from .store import NeuralDB, StoreError, layer_fingerprint
 
-__all__ = ["TIMEOUT", "DistributedEditError", "edit_distributed", "launched", "local_device", "rank_checkpoint", "run_edit_cli",
-           "shard"]
+__all__ = ["TIMEOUT", "DistributedEditError", "edit_distributed", "launched", "local_device", "rank_checkpoint",
+           "run_edit_cli", "shard"]
 
 log = logging.getLogger(__name__)
 
