@@ -61,6 +61,8 @@ COMMANDS: dict[str, Command] = {
                     "neuraldb.cli:_add_demo_arguments", "neuraldb.cli:_run_demo"),
     "edit": Command("edit facts from a file into a store (resumable)",
                     "neuraldb.cli:_add_edit_arguments", "neuraldb.cli:_run_edit"),
+    "forget": Command("remove facts from a store as if never edited (re-fits the facts sharing their residual)",
+                      "neuraldb.cli:_add_forget_arguments", "neuraldb.cli:_run_forget"),
     "evaluate": Command("edit the first N facts of a dataset and evaluate them (pre/post)",
                         "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
     "compare": Command("compare two saved reports without re-running",
@@ -257,6 +259,56 @@ def _run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget_ids(db: Any, args: argparse.Namespace) -> list[str]:
+    """The stored ids ``neuraldb forget`` removes: ``--id`` as given, and the stored fact of each
+    ``--subject``/``--prompt`` pair or each fact of ``--facts`` (by identity, whatever its target);
+    a ValueError (exit 2) naming what is not stored, before anything is removed."""
+    ids = list(args.id or [])
+    wanted: list[tuple[str, str]] = []
+    if args.subject is not None or args.prompt is not None:
+        if args.subject is None or args.prompt is None:
+            raise ValueError("--subject and --prompt go together: give both (e.g. --subject 'LeBron James' "
+                             "--prompt '{} plays the sport of'), or use --id")
+        wanted.append((args.subject, args.prompt))
+    if args.facts:
+        wanted += [(f.subject, f.prompt) for f in _load_facts(args.facts)]
+    if not ids and not wanted:
+        raise ValueError("nothing to forget: give --id ID (repeatable), --subject with --prompt, or --facts FILE")
+    missing = [i for i in ids if i not in db.ids]
+    for subject, prompt in wanted:
+        found = db.find(subject=subject, prompt=prompt)
+        if found is None:
+            missing.append(f"(subject {subject!r}, prompt {prompt!r})")
+        else:
+            ids.append(found)
+    if missing:
+        raise ValueError(f"{args.store} does not hold {len(missing)} of the facts to forget: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; nothing was removed (see the stored facts' "
+                         "subjects and prompts with neuraldb.NeuralDB.load(path).facts)")
+    return list(dict.fromkeys(ids))
+
+
+def _run_forget(args: argparse.Namespace) -> int:
+    from . import NeuralDB, forget, load_model
+
+    store = Path(args.store)
+    if not store.exists():
+        raise ValueError(f"--store {store} does not exist; give the store file written by neuraldb edit")
+    out = Path(args.out) if args.out else store
+    model, tok = load_model(args.model)
+    db = NeuralDB.load(store, model=model)
+    ids = _forget_ids(db, args)
+    report = forget(model, tok, db, ids, restore=not args.no_restore)
+    db.save(out)
+    print(f"{len(report.removed)} removed, {len(report.refit)} re-fitted (facts about the same subjects); "
+          f"{len(db)} facts -> {out}")
+    for i in report.removed:
+        print(f"  removed {i}")
+    for i in report.refit:
+        print(f"  re-fitted {i}")
+    return 0
+
+
 def _edit_summary(report: Any) -> list[str]:
     """What ``neuraldb edit`` did to the store: a line per replaced fact (old and new target), then the counts."""
     if report is None:
@@ -272,6 +324,20 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--facts", help="a JSON list of facts (default: the shipped demo facts)")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--save", help="write the store to this .safetensors file")
+
+
+def _add_forget_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="the model the store was edited with (checked)")
+    p.add_argument("--store", required=True, help="store file (.safetensors) written by neuraldb edit")
+    p.add_argument("--out", default=None, help="write the new store here (default: replace --store, atomically)")
+    p.add_argument("--id", action="append", help="id of a stored fact to forget (repeatable)")
+    p.add_argument("--subject", help="with --prompt: forget the stored fact of this subject and relation prompt")
+    p.add_argument("--prompt", help="the relation prompt with {} for the subject, e.g. '{} plays the sport of'")
+    p.add_argument("--facts", help="JSON list of facts or a CounterFact/ZsRE file: forget the stored fact of each "
+                   "one's subject and prompt (whatever its target)")
+    p.add_argument("--no-restore", action="store_true",
+                   help="re-fit the siblings on their own prompts only (exactly a fresh edit of them); by default "
+                        "the re-fit also holds each forgotten prompt to the unedited model's answer")
 
 
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
