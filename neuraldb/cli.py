@@ -66,6 +66,8 @@ COMMANDS: dict[str, Command] = {
                         "neuraldb.cli:_add_settings_arguments", "neuraldb.cli:_run_settings"),
     "evaluate": Command("edit the first N facts of a dataset and evaluate them (pre/post)",
                         "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
+    "gpu-evals": Command("the paper's scale in one job: CounterFact (10,000) and ZsRE edited and evaluated, then the gate",
+                         "evals.gpu_evals:add_gpu_evals_arguments", "evals.gpu_evals:run_gpu_evals"),
     "compare": Command("compare two saved reports without re-running",
                        "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
     "gate": Command("the release gate: decide whether an edited checkpoint may be released",
