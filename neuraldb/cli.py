@@ -253,6 +253,7 @@ def _run_edit(args: argparse.Namespace) -> int:
                      chat_residuals=args.chat_residuals,
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     base = NeuralDB.load(out, model=model) if append else None
+    _print_settings(model, cfg)
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
     db.save(out)
     ckpt.unlink(missing_ok=True)  # the run is finished: no checkpoint left to resume
@@ -260,6 +261,13 @@ def _run_edit(args: argparse.Namespace) -> int:
         print(line)
     print(f"{len(db)} facts -> {out}")
     return 0
+
+
+def _print_settings(model: Any, config: Any) -> None:
+    """The layer / lr / steps ``neuraldb.edit`` will use for ``model`` and where each comes from."""
+    from .settings import resolve_settings
+
+    print("edit settings:\n  " + "\n  ".join(resolve_settings(model, config=config).lines()))
 
 
 def _edit_summary(report: Any) -> list[str]:

@@ -139,3 +139,16 @@ def test_cli_prints_the_settings_of_a_llama3_config_file(tmp_path, capsys):
 def test_cli_settings_without_a_readable_config_exits_2(tmp_path, capsys):
     assert main(["settings", "--config", str(tmp_path / "missing" / "config.json")]) == 2
     assert "pass --config" in capsys.readouterr().err
+
+
+def test_neuraldb_edit_prints_the_settings_it_edits_with(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(neuraldb, "load_model", lambda name, **kw: tiny_model("llama"))
+    small = dict(steps=2, context_prefixes=("the",), context_length=2)
+    monkeypatch.setattr(neuraldb, "EditConfig", lambda **kw: EditConfig(**(small | kw)))
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "the city of {}", "subject": "the eiffel tower", "target_new": "rome"}]))
+    assert main(["edit", "--facts", str(facts), "--out", str(tmp_path / "s.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "edit settings:" in out
+    assert "layer  1      family default: round(0.33 x 3 layers)" in out and "lr     0.5    EditConfig default" in out
+    assert neuraldb.NeuralDB.load(tmp_path / "s.safetensors").config["lr"] == 0.5
