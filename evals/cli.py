@@ -193,11 +193,12 @@ def _settings_lines(args: argparse.Namespace, model: Any = None) -> tuple[list[s
     else:
         hf_config, where = model_config(args.model)
     other = (f"gamma {config.gamma}, word check {'on' if config.word_check else 'off'}, edit batch "
-             f"{config.batch_size}, residual dtype {config.residual_dtype or 'the model’s'}"
+             f"{config.batch_size}, residual dtype {config.residual_dtype or 'as the model'}"
              + (", chat residuals" if config.chat_residuals else ""))
     if hf_config is None:
         return [f"layer, lr, steps: resolved at load ({where})", other], {}
-    resolved = resolve_settings(hf_config, config=config, name=args.model)
+    # loaded: matched by the model's own name_or_path, as neuraldb.edit matches it
+    resolved = resolve_settings(hf_config, config=config, name=None if model is not None else args.model)
     head = f"{resolved.model_type}, {resolved.n_layers} layers (config: {where})"
     return [head, *resolved.lines(), other], {"values": {k: getattr(resolved.config, k) for k in resolved.sources},
                                               "sources": dict(resolved.sources), "row": resolved.row}
@@ -218,8 +219,13 @@ def _print_plan(args: argparse.Namespace, plan: dict[str, Any]) -> None:
     print("  (cases whose subject cannot be keyed, and repeats of a subject and prompt, are left out and listed)")
     for w in plan["warnings"]:
         print(f"WARNING: {w}")
-    metrics = _csv(",".join(args.metrics)) if args.metrics else list(METRICS.get(plan["kind"], {})) or ["the dataset's"]
-    print(f"metrics: {', '.join(metrics)}" + ("" if args.metrics else " (the dataset's standard ones)"))
+    if args.metrics:
+        print(f"metrics: {', '.join(_csv(','.join(args.metrics)))}")
+    elif plan["kind"] in METRICS:
+        print(f"metrics: {', '.join(METRICS[plan['kind']])} (the dataset's standard ones; a case without "
+              "generation prompts, as in the MEND format, has no fluency or consistency)")
+    else:
+        print("metrics: the standard ones of the file's dataset (CounterFact or ZsRE, detected at load)")
     tasks = check_general_tasks(args.general_tasks)
     limit = "all examples" if args.general_limit is None else f"{args.general_limit} examples per task"
     print(f"general tasks: {', '.join(tasks) + f' ({limit})' if tasks else 'none'}")
