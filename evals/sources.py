@@ -246,7 +246,11 @@ def resolve_source(kind: Kind, source: str | os.PathLike | None = None, *,
     _splits(kind, split)
     root = default_data_dir(data_dir)
     if root is not None:
-        path = choose_source(kind, split=split, n=min_records, data_dir=root).path
+        first = next((Path(root) / rel for rel in DATA_DIR_LAYOUT.get((kind, split), ())
+                      if (Path(root) / rel).is_file()), None)
+        if first is None or min_records is not None or split == "any":  # counting the records is needed
+            first = choose_source(kind, split=split, n=min_records, data_dir=root).path
+        path = first
         if sha256 is not None and sha256_file(path) != sha256.lower():
             raise DatasetError(f"{path} does not match sha256 {sha256}")
         return path
