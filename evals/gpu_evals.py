@@ -38,8 +38,11 @@ __all__ = ["add_gpu_evals_arguments", "gpu_evals_commands", "run_gpu_evals"]
 def add_gpu_evals_arguments(p: argparse.ArgumentParser) -> None:
     from evals.cli import n_cases_arg
 
-    p.description = __doc__.split("\n\n")[0] + " Steps: evaluate CounterFact (with the general tasks), evaluate " \
-        "ZsRE, then the release gate on the CounterFact report."
+    p.description = ("The paper's scale in one job (what tox -e gpu-evals runs), each step printed before it runs: "
+                     "1. neuraldb evaluate on --n CounterFact cases with the general tasks (more than the data dir's "
+                     "files hold is an error naming them); 2. neuraldb evaluate on ZsRE, as many cases as the data dir "
+                     "holds up to --zsre-n; 3. neuraldb gate --report OUT/report.json --policy POLICY, whose exit "
+                     "code is the job's. --dry-run prints the plans and loads nothing.")
     p.add_argument("--model", default="smollm2-135m", help="built-in alias, local model folder or hub id")
     p.add_argument("--n", type=n_cases_arg, default=10000,
                    help="CounterFact cases to edit and evaluate (default 10000; 'all': every case of the file); "
