@@ -6,6 +6,7 @@ Example::
     neuraldb edit --model smollm2-135m --facts facts.json --out store.safetensors
     neuraldb evaluate --model smollm2-135m --dataset counterfact --n 100
     neuraldb gate --model smollm2-135m --store store.safetensors --policy policy.yaml
+    neuraldb settings --config llama3/config.json --model-name meta-llama/Meta-Llama-3-8B
     neuraldb harness -- --model neuraldb --model_args pretrained=smollm2-135m --tasks sciq --limit 20
 
 Sub-commands are data: :data:`COMMANDS` maps each name to its help line and two
@@ -63,8 +64,12 @@ COMMANDS: dict[str, Command] = {
                     "neuraldb.cli:_add_edit_arguments", "neuraldb.cli:_run_edit"),
     "forget": Command("remove facts from a store as if never edited (re-fits the facts sharing their residual)",
                       "neuraldb.cli:_add_forget_arguments", "neuraldb.cli:_run_forget"),
+    "settings": Command("the edit settings (layer, lr, steps) a model gets and where each comes from",
+                        "neuraldb.cli:_add_settings_arguments", "neuraldb.cli:_run_settings"),
     "evaluate": Command("edit the first N facts of a dataset and evaluate them (pre/post)",
                         "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
+    "gpu-evals": Command("the paper's scale in one job: CounterFact (10,000) and ZsRE edited and evaluated, then the gate",
+                         "evals.gpu_evals:add_gpu_evals_arguments", "evals.gpu_evals:run_gpu_evals"),
     "compare": Command("compare two saved reports without re-running",
                        "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
     "gate": Command("the release gate: decide whether an edited checkpoint may be released",
@@ -250,6 +255,7 @@ def _run_edit(args: argparse.Namespace) -> int:
                      chat_residuals=args.chat_residuals,
                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
     base = NeuralDB.load(out, model=model) if append else None
+    _print_settings(model, cfg)
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
     db.save(out)
     ckpt.unlink(missing_ok=True)  # the run is finished: no checkpoint left to resume
@@ -309,6 +315,13 @@ def _run_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_settings(model: Any, config: Any) -> None:
+    """The layer / lr / steps ``neuraldb.edit`` will use for ``model`` and where each comes from."""
+    from .settings import resolve_settings
+
+    print("edit settings:\n  " + "\n  ".join(resolve_settings(model, config=config).lines()))
+
+
 def _edit_summary(report: Any) -> list[str]:
     """What ``neuraldb edit`` did to the store: a line per replaced fact (old and new target), then the counts."""
     if report is None:
@@ -366,6 +379,48 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-residuals", action="store_true",
                    help="also optimise each residual on the prompt asked as a chat turn, so the edit carries into "
                    "chat use (EditConfig.chat_residuals; README, 'Mentions, chat use')")
+
+
+def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="built-in alias, local model folder or hub id (read from the local cache); "
+                     "only its config is read, never its weights")
+    src.add_argument("--config", help="a config.json (or the folder holding it)")
+    p.add_argument("--model-name", default=None,
+                   help="the name the table's rows are matched against (default: --model, or --config's path)")
+    p.add_argument("--layer", type=int, default=None, help="as EditConfig(layer=...): your value wins")
+    p.add_argument("--lr", type=float, default=None, help="as EditConfig(lr=...): your value wins")
+    p.add_argument("--steps", type=int, default=None, help="as EditConfig(steps=...): your value wins")
+    p.add_argument("--json", action="store_true", help="print the resolved fields and their sources as JSON")
+
+
+def settings_config(args: argparse.Namespace) -> Any:
+    """The EditConfig of ``--layer`` / ``--lr`` / ``--steps`` (None: the model's setting)."""
+    from .config import EditConfig
+
+    return EditConfig(layer=args.layer, lr=args.lr, steps=args.steps)
+
+
+def _run_settings(args: argparse.Namespace) -> int:
+    from .models import model_config
+    from .settings import resolve_settings
+
+    hf_config, where = model_config(args.model or args.config)
+    if hf_config is None:
+        raise ValueError(f"{where}; pass --config with its config.json")
+    resolved = resolve_settings(hf_config, config=settings_config(args), name=args.model_name or args.model)
+    if args.json:
+        print(json.dumps({"model": resolved.model_name, "model_type": resolved.model_type,
+                          "n_layers": resolved.n_layers, "config_file": where, "row": resolved.row,
+                          "row_source": resolved.row_source,
+                          "settings": {k: {"value": getattr(resolved.config, k), "source": resolved.sources[k]}
+                                       for k in resolved.sources}}, indent=1))
+        return 0
+    print(f"model {resolved.model_name or '(no name)'}: {resolved.model_type}, {resolved.n_layers} layers "
+          f"(config: {where})")
+    for line in resolved.lines():
+        print(f"  {line}")
+    return 0
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
