@@ -47,6 +47,7 @@ _LAZY = {
     "detached": ".hook",
     "UnreachableFactError": ".reach",
     "load_model": ".models",
+    "resolve_settings": ".settings",
 }
 
 __all__ = [

@@ -51,6 +51,7 @@ from .arch import resolve_arch
 from .config import EditConfig
 from .facts import Fact, check_conflicts, validate_facts
 from .identity import EditReport
+from .settings import resolve_settings
 from .store import NeuralDB, StoreError, layer_fingerprint
 
 __all__ = ["TIMEOUT", "DistributedEditError", "edit_distributed", "launched", "local_device", "rank_checkpoint",
@@ -271,7 +272,7 @@ def edit_distributed(
     from .hook import detached
     from .keys import context_templates
 
-    config = config or EditConfig()
+    config = resolve_settings(model, config=config).config  # layer / lr / steps: yours, else the model's row
     facts = list(validate_facts(facts))
     check_conflicts(facts)
     if not dist.is_initialized() and "RANK" not in os.environ:
@@ -283,7 +284,7 @@ def edit_distributed(
     rank, world = dist.get_rank(), dist.get_world_size()
     arch = resolve_arch(model, layers=config.layers_template, mlp_out=config.mlp_out_template,
                         residual_out=config.residual_out_template)
-    layer = arch.check_layer(config.layer if config.layer is not None else arch.default_layer)
+    layer = arch.check_layer(config.layer)
     _check_same(_signature(model, config, layer, facts, arch.mlp_out_at(layer)))
     with detached(model), _eval_mode(model):
         templates = context_templates(model, tokenizer, prefixes=config.context_prefixes,
@@ -348,7 +349,7 @@ def _start(model: nn.Module, config: EditConfig, layer: int, templates: list[str
 def run_edit_cli(args: Any) -> int:
     """``neuraldb edit`` under torchrun: every rank loads the model on :func:`local_device` (or
     ``--device``), edits its share, rank 0 writes ``--out``; then each rank removes its checkpoint."""
-    from .cli import _edit_config, _edit_summary, _load_facts, checkpoint_path
+    from .cli import _edit_config, _edit_summary, _load_facts, _print_settings, checkpoint_path
     from .models import load_model
 
     if args.append:
@@ -370,6 +371,8 @@ def run_edit_cli(args: Any) -> int:
         problem = f"{out} already exists: choose another --out (--append needs a single process)"
     _agree(problem)
     facts = _load_facts(args.facts)[: args.n]
+    if rank == 0:
+        _print_settings(model, _edit_config(args))
     db = edit_distributed(model, tok, facts, config=_edit_config(args), checkpoint=ckpt, progress=rank == 0)
     if db is not None:
         db.save(out)

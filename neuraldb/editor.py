@@ -43,6 +43,7 @@ from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
+from .settings import resolve_settings
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
 
@@ -162,7 +163,8 @@ def edit(
     Args:
         facts: :class:`Fact` objects or mappings; validated before any work. Two facts with
             one identity ``(subject, prompt)`` are a :class:`~neuraldb.facts.FactConflictError`.
-        config: :class:`EditConfig` (layer None = the family's default).
+        config: :class:`EditConfig`; its ``layer`` / ``lr`` / ``steps`` left None are the model's
+            settings (:func:`neuraldb.settings.resolve_settings`, logged at INFO), else the fallbacks.
         db: add to this store instead of a new one (an upsert, :mod:`neuraldb.identity`): a fact
             whose identity is stored with another target replaces the stored fact (logged at
             INFO, old and new target; the facts about its subject are re-fitted with it); one
@@ -189,14 +191,14 @@ def edit(
 
         return edit_distributed(model, tokenizer, facts, config=config, checkpoint=checkpoint,
                                 checkpoint_every=checkpoint_every, progress=progress, check=check, strict=strict)
-    config = config or EditConfig()
+    config = resolve_settings(model, config=config).config  # layer / lr / steps: yours, else the model's row
     facts = validate_facts(facts)
     check_conflicts(facts)
     arch = resolve_arch(
         model, layers=config.layers_template, mlp_out=config.mlp_out_template,
         residual_out=config.residual_out_template,
     )
-    layer = arch.check_layer(config.layer if config.layer is not None else arch.default_layer)
+    layer = arch.check_layer(config.layer)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     db, templates = _resume(model, config, layer, db, ckpt)
     with detached(model), _eval_mode(model):  # keys and residuals are always computed on the unedited model

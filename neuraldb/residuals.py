@@ -112,6 +112,7 @@ def compute_residuals(
     distribution and check the shortcuts (``_unedited``), then optimise ``delta`` with
     Adam (:func:`_optimise`).
     """
+    config = config.filled()  # lr / steps None (no settings resolved): EditConfig's fallbacks
     arch = arch or resolve_arch(model)
     lay = _layout(tokenizer, facts, templates, config.kl_prompt, model_device(model))
     grp = _groups(groups, len(facts), lay.ids.device)
