@@ -2,8 +2,8 @@
 
 Example::
 
-    index = WordIndex.build(words)                          # words (N, F, width), as the store keeps them
-    pos, row = index.pairs(windows[:, -1])                  # (p,) each: position x key pairs worth a look
+    index = WordIndex.build(words)                     # words (N, F, width), as the store keeps them
+    pos, row = index.candidates(windows, starts)       # (p,) each: (position, key) whose word check passes
     fire, at = word_checked_fire(q, windows, keys=unit_keys, words=words, starts=starts,
                                  thresholds=thr, index=index, fire=full_gate)   # == full_gate + word check
 
@@ -13,20 +13,21 @@ column is its subject's last token (a token id), ``NO_FORM`` (a padding form, ma
 nothing), or, in a form that checks nothing or only a word start, a negative marker. So a
 key all of whose forms end in token ids can pass the check only at a position whose own
 token is one of them: :class:`WordIndex` maps each such token id to those keys (every form
-and alias :func:`~neuraldb.words.subject_words` stored, so every variant the check accepts).
+and alias :func:`~neuraldb.words.subject_words` stored, so every variant the check accepts),
+and computes the word check once per subject (keys with the same forms) at those positions only.
 
 :func:`word_checked_fire` decides the gate as the store's hook decides it (exact top-1 cosine
 over *all* keys, then ``cos > threshold[top1]`` and the word check of ``top1``) while computing
 the full gate only at the positions that could fire: a position fires only if its top-1 key
-``j`` passes its threshold and its word check; then ``j`` is one of the position's indexed
-keys that passes the word check and whose cosine (computed here, with a slack far above
-float32 rounding) passes its threshold. Positions with no such key cannot fire and are not
-gated; the others get the full gate (the top-1 over all keys, so a nearer key of another
-subject still shuts the gate, exactly as before). The decisions, fired key and residual of
-every position are the full gate's.
+``j`` passes its threshold and its word check; then ``j`` is one of the position's candidate
+keys (word check passed) whose cosine (computed here, with a slack far above float32
+rounding) passes its threshold. Positions with no such key cannot fire and are not gated; the
+others get the full gate (the top-1 over all keys, so a nearer key of another subject still
+shuts the gate, exactly as before). The decisions, fired key and residual of every position
+are the full gate's.
 
 Stores with any key that matches whatever its position's token (the paper's gate, keys added
-without ``words``) are not indexed (:attr:`WordIndex.complete` is False): every position
+without ``words``) are not prefiltered (:attr:`WordIndex.complete` is False): every position
 goes through the full gate.
 """
 
@@ -48,47 +49,76 @@ COSINE_SLACK = 1e-3
 
 @dataclass(frozen=True)
 class WordIndex:
-    """Key rows grouped by the last token of their forms (CSR over the sorted distinct tokens).
+    """Stored word forms grouped by their last token, and keys grouped by their forms.
 
+    Keys with the same forms (facts about one subject) share one *group*: the word check is
+    computed once per (position, group), however many facts the subject has. CSR over the
+    sorted distinct last tokens (token -> groups) and over the groups (group -> key rows).
     ``complete`` is False when some key can pass the word check at a position whatever its
     token (a form ending in ``NO_WORD`` or ``WORD_START``): the index then proves nothing.
     """
 
     tokens: torch.Tensor  # (T,) long, sorted distinct last tokens of the forms
-    starts: torch.Tensor  # (T,) long, first entry of each token in `rows`
-    counts: torch.Tensor  # (T,) long, keys per token
-    rows: torch.Tensor  # (P,) long, key rows grouped by token, each group ascending
+    token_starts: torch.Tensor  # (T,) long, first entry of each token in `token_groups`
+    token_counts: torch.Tensor  # (T,) long, groups per token
+    token_groups: torch.Tensor  # (P,) long, the groups with a form ending in each token, by token
+    words: torch.Tensor  # (G, F, width) each group's forms
+    key_starts: torch.Tensor  # (G,) long, first entry of each group in `key_rows`
+    key_counts: torch.Tensor  # (G,) long, keys per group
+    key_rows: torch.Tensor  # (N,) long, key rows by group, each group ascending
     complete: bool
 
     @classmethod
     @torch.no_grad()
     def build(cls, words: torch.Tensor) -> "WordIndex":
         """From the store's ``words`` (N, F, width) on the gate's device."""
-        n = words.shape[0]
+        n, forms, width = words.shape
         last = words[:, :, -1]  # (N, F) each form's last column
         complete = not bool(((last < 0) & (last != NO_FORM)).any())
-        rows = torch.arange(n, device=words.device).unsqueeze(1).expand_as(last)  # (N, F)
-        real = last >= 0
-        pair = torch.unique(last[real] * max(n, 1) + rows[real])  # sorted by token, then row; a key once per token
-        tokens_all, rows_flat = pair // max(n, 1), pair % max(n, 1)
-        tokens, counts = torch.unique_consecutive(tokens_all, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        return cls(tokens, starts, counts, rows_flat, complete)
+        flat, group = torch.unique(words.reshape(n, -1), dim=0, return_inverse=True)  # (G, F*width), (N,)
+        g = flat.shape[0]
+        key_rows = torch.sort(group * max(n, 1) + torch.arange(n, device=words.device)).values % max(n, 1)
+        key_counts = torch.bincount(group, minlength=g)
+        group_words = flat.reshape(g, forms, width)
+        glast = group_words[:, :, -1]  # (G, F)
+        groups = torch.arange(g, device=words.device).unsqueeze(1).expand_as(glast)
+        real = glast >= 0
+        pair = torch.unique(glast[real] * max(g, 1) + groups[real])  # sorted by token, then group; once each
+        tokens, token_counts = torch.unique_consecutive(pair // max(g, 1), return_counts=True)
+        return cls(tokens, _starts(token_counts), token_counts, pair % max(g, 1), group_words,
+                   _starts(key_counts), key_counts, key_rows, complete)
 
     @torch.no_grad()
-    def pairs(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pos, row)`` (p,) each: every (position, key) with a form ending in the position's token,
-        for the positions' own tokens ``last`` (M,) (a window's last column)."""
-        empty = torch.empty(0, dtype=torch.long, device=last.device)
+    def candidates(self, windows: torch.Tensor, starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pos, row)`` (p,) each, by position: every (position, key) whose word check
+        passes at the tokens ``windows`` (M, width) ending at each position, as
+        :func:`~neuraldb.words.word_match` of every key finds them (for a :attr:`complete` index);
+        ``starts`` as there."""
+        last = windows[:, -1].contiguous()  # (M,) each position's own token
+        empty = torch.empty(0, dtype=torch.long, device=windows.device)
         if self.tokens.numel() == 0 or last.numel() == 0:
             return empty, empty
         at = torch.searchsorted(self.tokens, last).clamp_max(self.tokens.numel() - 1)  # (M,)
-        n = torch.where(self.tokens[at] == last, self.counts[at], torch.zeros_like(at))  # (M,) keys per position
-        pos = torch.repeat_interleave(torch.arange(last.numel(), device=last.device), n)  # (p,)
+        n = torch.where(self.tokens[at] == last, self.token_counts[at], torch.zeros_like(at))  # (M,) groups
+        pos, i = _expand(n, self.token_starts[at])  # (p,) (position, group) pairs
+        group = self.token_groups[i]
+        spelt = word_match(self.words[group], windows[pos], starts)  # (p,) once per subject
+        pos, group = pos[spelt], group[spelt]
         if pos.numel() == 0:
             return empty, empty
-        offset = torch.arange(pos.numel(), device=last.device) - (torch.cumsum(n, 0) - n)[pos]  # (p,) within group
-        return pos, self.rows[self.starts[at[pos]] + offset]
+        k, i = _expand(self.key_counts[group], self.key_starts[group])  # (q,) every key of each group
+        return pos[k], self.key_rows[i]
+
+
+def _starts(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+def _expand(counts: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts`` (m,) entries from ``starts`` (m,) each: ``(owner (p,), entry (p,))``, p = counts.sum()."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # (p,)
+    within = torch.arange(owner.numel(), device=counts.device) - _starts(counts)[owner]
+    return owner, starts[owner] + within
 
 
 @torch.no_grad()
@@ -99,19 +129,17 @@ def word_checked_fire(queries: torch.Tensor, windows: torch.Tensor, *, keys: tor
     """``(fire (M,) bool, index (M,) long)``: ``fire(queries)`` followed by the word check of the
     fired keys, computed only at the positions that could pass both (module docstring).
 
-    ``queries`` (M, d_key) the key module's inputs, as ``fire`` takes them; ``windows`` (M, width) token ids ending at each position;
-    ``keys`` (N, d_key) unit rows, ``words`` (N, F, width), ``starts`` (vocab,), ``thresholds``
-    (N,) as the gate uses them; ``fire`` the store's full gate. ``index`` is -1 where shut.
-    Needs ``index.complete``.
+    ``queries`` (M, d_key) the key module's inputs, as ``fire`` takes them; ``windows`` (M, width)
+    token ids ending at each position; ``keys`` (N, d_key) unit rows, ``words`` (N, F, width),
+    ``starts`` (vocab,), ``thresholds`` (N,) as the gate uses them; ``fire`` the store's full
+    gate. ``index`` is -1 where shut. Needs ``index.complete``.
     """
     m = queries.shape[0]
     shut = torch.zeros(m, dtype=torch.bool, device=queries.device)
     none = torch.full((m,), -1, dtype=torch.long, device=queries.device)
-    pos, row = index.pairs(windows[:, -1].contiguous())  # (p,) each
+    pos, row = index.candidates(windows, starts)  # (p,) each: the keys whose word check passes
     if pos.numel() == 0:
         return shut, none
-    spelt = word_match(words[row], windows[pos], starts)  # (p,) the key's own word check
-    pos, row = pos[spelt], row[spelt]
     q = queries[pos].float()  # (p, d_key)
     cos = (q * keys[row]).sum(dim=1) / q.norm(dim=1).clamp_min(1e-12)  # (p,) cosines with unit keys
     near = cos > thresholds[row] - COSINE_SLACK

@@ -37,20 +37,39 @@ TEXTS = [
 
 
 # ------------------------------------------------------------------ unit: the index itself
-def test_index_maps_each_last_token_to_its_keys_and_ignores_padding_forms():
-    w = torch.full((3, 2, 4), NO_WORD, dtype=torch.long)
-    w[0, 0, -2:] = torch.tensor([5, 7])  # key 0 ends in 7 ...
-    w[0, 1, -1] = 9  # ... or 9 (another form, e.g. an alias)
-    w[1, 0, -3:] = torch.tensor([WORD_START, 3, 7])  # key 1 ends in 7
+def test_index_finds_the_keys_whose_word_ends_at_each_token_and_ignores_padding_forms():
+    w = torch.full((4, 2, 4), NO_WORD, dtype=torch.long)
+    w[0, 0, -2:] = torch.tensor([5, 7])  # key 0 is "5 7" ...
+    w[0, 1, -1] = 9  # ... or "9" (another form, e.g. an alias)
+    w[1, 0, -3:] = torch.tensor([WORD_START, 3, 7])  # key 1 is "3 7" at a word start
     w[1, 1, -1] = NO_FORM  # a padding form matches nothing
-    w[2, 0, -1] = 9
-    w[2, 1, -1] = 9  # two forms ending in the same token: the key once
+    w[2] = w[0]  # key 2: the same subject as key 0 (one group)
+    w[3, 0, -1] = 9
+    w[3, 1, -1] = 9  # two forms ending in the same token: the key once
     index = WordIndex.build(w)
-    assert index.complete
-    pos, row = index.pairs(torch.tensor([7, 1, 9, 9, 100, 0]))
-    assert list(zip(pos.tolist(), row.tolist())) == [(0, 0), (0, 1), (2, 0), (2, 2), (3, 0), (3, 2)]
-    pos, row = index.pairs(torch.tensor([-2, 1]))  # UNKNOWN tokens (no input_ids) and unindexed ones
-    assert pos.numel() == row.numel() == 0
+    assert index.complete and index.words.shape[0] == 3
+    windows = torch.tensor([[0, 1, 5, 7], [0, 1, 3, 7], [0, 0, 1, 9], [-2, -2, -2, 7], [0, 0, 0, 100]])
+    pos, row = index.candidates(windows, None)
+    assert sorted(zip(pos.tolist(), row.tolist())) == [(0, 0), (0, 2), (2, 0), (2, 2), (2, 3)]
+    starts = torch.zeros(10, dtype=torch.bool)
+    starts[1] = True  # token 1 ends in whitespace: "3 7" after it starts a word
+    pos, row = index.candidates(windows, starts)
+    assert sorted(zip(pos.tolist(), row.tolist())) == [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2), (2, 3)]
+
+
+def test_candidates_are_every_key_the_word_check_passes(family_tok):
+    """Per tokenizer family: the index's (position, key) pairs are exactly those where
+    word_match of that key passes, over every position of the texts and every stored subject."""
+    tok = family_tok
+    words = subject_words(tok, SUBJECTS, aliases=[ALIASES.get(s, []) for s in SUBJECTS])
+    words = torch.cat([words, words[:3]])  # three subjects stored twice (facts sharing a subject)
+    starts = word_start_tokens(tok)
+    windows = torch.cat([token_windows(torch.tensor([tok(t)["input_ids"]]), width=words.shape[2])[0] for t in TEXTS])
+    m, n = windows.shape[0], words.shape[0]
+    every = word_match(words.repeat(m, 1, 1), windows.repeat_interleave(n, 0), starts).reshape(m, n)
+    pos, row = WordIndex.build(words).candidates(windows, starts)
+    assert sorted(zip(pos.tolist(), row.tolist())) == [tuple(x) for x in every.nonzero().tolist()]
+    assert pos.numel() >= len(TEXTS)  # the texts mention stored subjects
 
 
 @pytest.mark.parametrize("last", [NO_WORD, WORD_START])
