@@ -51,6 +51,11 @@ COSINE_SLACK = 1e-3
 class WordIndex:
     """Stored word forms grouped by their last token, and keys grouped by their forms.
 
+    Example::
+
+        index = WordIndex.build(db.words)                   # (N, F, width); DeviceIndex keeps one
+        pos, row = index.candidates(windows, db.word_starts)  # where word_match(db.words[row], ...) passes
+
     Keys with the same forms (facts about one subject) share one *group*: the word check is
     computed once per (position, group), however many facts the subject has. CSR over the
     sorted distinct last tokens (token -> groups) and over the groups (group -> key rows).
