@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/decode_overhead.py                   # 10K and 100K facts, batch 1 and 8, ~11 min idle
+    python benchmarks/decode_overhead.py                   # 10K and 100K facts, batch 1 and 8: ~10 min idle (estimate)
     python benchmarks/decode_overhead.py --facts 2000 --batch 1 --new 8 --repeats 2 --real 500   # smoke run
 
 ``model.generate`` (greedy, ``--new`` tokens, forced with ``min_new_tokens``, KV cache) on
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--facts", default="10000,100000", help="store sizes of the synthetic stores")
     ap.add_argument("--batch", default="1,8", help="generation batch sizes")
     ap.add_argument("--new", type=int, default=32, help="new tokens per generation")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--real", type=int, default=2000, help="CounterFact facts of the real store (0: none)")
     ap.add_argument("--word-subjects", type=int, default=5000,
                     help="distinct CounterFact subjects whose forms the 'words' stores cycle through")
