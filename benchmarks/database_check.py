@@ -15,7 +15,10 @@ share of removed prompts whose next token is the unedited model's again, the sha
 removed target still beats the true one, and the siblings' efficacy (ES: new target likelier
 than the true one on the prompt) before and after. Then it gives ``--upserts`` stored facts a
 new target (another case's target of the same relation) through ``neuraldb.edit(..., db=db)``:
-ES on the new targets and the share whose old target fell below the true one.
+ES on the new targets and the share whose old target fell below the true one, against two
+baselines: the unedited model (``unedited.old_below_true_pct``) and the new targets edited alone
+into a fresh store (``fresh_edit_of_new_targets``: the store "as if the old fact had never been
+edited", which the upserted store should match).
 """
 
 from __future__ import annotations
@@ -110,12 +113,17 @@ def removal_figures(model: Any, tok: Any, db: Any, removed: Sequence[Fact], sibl
             "siblings_es": efficacy(model, tok, db, siblings)}
 
 
-def upsert_figures(model: Any, tok: Any, db: Any, old: Sequence[Fact], new: Sequence[Fact]) -> dict[str, float]:
+def upsert_figures(model: Any, tok: Any, db: Any, old: Sequence[Fact], new: Sequence[Fact],
+                   old_below: Sequence[bool]) -> dict[str, float]:
+    """ES on the new targets, the share whose old target is below the true one, and, of the facts
+    where the unedited model put it below (``old_below``), the share where it is below again."""
     with db.attached(model):
         s = nlls(model, tok, [(f.text, t) for f, g in zip(new, old) for t in (f.target_new, g.target_new, f.target_true)])
     n = max(len(new), 1)
+    below = [s[3 * i + 1] > s[3 * i + 2] for i in range(len(new))]
     return {"es_new_target": 100.0 * sum(s[3 * i] < s[3 * i + 2] for i in range(len(new))) / n,
-            "old_below_true_pct": 100.0 * sum(s[3 * i + 1] > s[3 * i + 2] for i in range(len(new))) / n}
+            "old_below_true_pct": 100.0 * sum(below) / n,
+            "old_back_below_true_pct": 100.0 * sum(b for b, u in zip(below, old_below) if u) / max(sum(old_below), 1)}
 
 
 def main() -> None:
@@ -127,6 +135,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--output", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--unedited-only", action="store_true",
+                    help="print only the unedited model's baselines of the same facts (no edit: seconds)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from evals.datasets import editable_cases, load_counterfact
@@ -146,6 +156,14 @@ def main() -> None:
     s = nlls(model, tok, [(f.text, t) for f in seconds for t in (f.target_new, f.target_true)])
     figures["unedited"] = {"removed_target_wins_pct": 100.0 * sum(s[2 * i] < s[2 * i + 1] for i in range(len(seconds)))
                            / max(len(seconds), 1)}  # the baseline for removed_target_still_wins_pct
+    old = (fill + firsts)[: args.upserts]
+    new = new_targets(cases, old)
+    s = nlls(model, tok, [(f.text, t) for f in old for t in (f.target_new, f.target_true)])
+    old_below = [s[2 * i] > s[2 * i + 1] for i in range(len(old))]  # unedited: the old target below the true one
+    figures["unedited"]["old_below_true_pct"] = 100.0 * sum(old_below) / max(len(old), 1)  # upsert's baseline
+    if args.unedited_only:
+        print(json.dumps(figures, indent=2))
+        return
     t0 = time.perf_counter()
     db = neuraldb.edit(model, tok, facts, config=cfg, progress=False, check=False)
     figures["edit_s"] = time.perf_counter() - t0
@@ -163,14 +181,15 @@ def main() -> None:
         figures[name] = removal_figures(model, tok, d, seconds, firsts, unedited) | {"seconds": secs}
     db = forgotten["forget"]
 
-    old = (fill + firsts)[: args.upserts]
-    new = new_targets(cases, old)
     t0 = time.perf_counter()
     db = neuraldb.edit(model, tok, new, config=cfg, db=db, progress=False, check=False)
     secs = time.perf_counter() - t0
-    figures["upsert"] = upsert_figures(model, tok, db, old, new) | {
+    figures["upsert"] = upsert_figures(model, tok, db, old, new, old_below) | {
         "seconds": secs, "replaced": len(db.last_edit.replaced), "refit": len(db.last_edit.refit),
         "rows": len(db)}
+    # "as if the old fact had never been edited": the new targets edited alone into a fresh store
+    fresh = neuraldb.edit(model, tok, new, config=cfg, progress=False, check=False)
+    figures["fresh_edit_of_new_targets"] = upsert_figures(model, tok, fresh, old, new, old_below)
     print(json.dumps(figures, indent=2))
     if args.output:
         with open(args.output, "w") as fh:

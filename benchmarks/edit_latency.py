@@ -59,7 +59,8 @@ def child(args: argparse.Namespace) -> dict:
         from neuraldb.keys import context_templates
 
         arch = neuraldb.resolve_arch(model)
-        layer = cfg.layer if cfg.layer is not None else arch.default_layer
+        cfg = neuraldb.resolve_settings(model, config=cfg).config  # layer / lr / steps as neuraldb.edit uses them
+        layer = cfg.layer
         templates = context_templates(model, tok, prefixes=cfg.context_prefixes,
                                                     length=cfg.context_length, seed=cfg.context_seed)
         naive_cfg = dataclasses.replace(cfg, residual_dtype=None)

@@ -78,8 +78,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((k, r["peak"]))
         inc = r["peak"] - r["before"]
-        print(f"| {k} | {r['before'] / 2**30:.2f} | {r['peak'] / 2**30:.2f} | {inc / 2**20:.0f} | {inc / k / 2**20:.1f} |",
-              flush=True)
+        print(f"| {k} | {r['before'] / 2**30:.2f} | {r['peak'] / 2**30:.2f} | {inc / 2**20:.0f} | "
+              f"{inc / k / 2**20:.1f} |", flush=True)
     if len(rows) >= 2:
         n = len(rows)
         mk = sum(k for k, _ in rows) / n

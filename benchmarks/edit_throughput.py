@@ -28,6 +28,7 @@ from _common import add_model_arguments, device_name, load, synchronizer
 from neuraldb import EditConfig, TraceDict
 from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
 from neuraldb.residual_batch import _build
+from neuraldb.settings import resolve_settings
 
 
 def naive_residual(model, tok, fact, *, layer, templates, cfg: EditConfig, arch) -> torch.Tensor:
@@ -101,9 +102,11 @@ def main() -> None:
     model, tok = load(args)
     cases = load_counterfact(data_dir=args.data_dir, limit=args.n)
     facts = [c.fact for c in cases]
-    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size, memory_budget_gb=args.memory_budget_gb or None)
+    # layer / lr / steps as neuraldb.edit resolves them (neuraldb/settings.json), so the naive loop matches
+    cfg = resolve_settings(model, config=EditConfig(layer=args.layer, batch_size=args.batch_size,
+                                                    memory_budget_gb=args.memory_budget_gb or None)).config
     arch = neuraldb.resolve_arch(model)
-    layer = cfg.layer if cfg.layer is not None else arch.default_layer
+    layer = cfg.layer
 
     sync = synchronizer(args.device)
     modes = {}  # residual dtype -> (store, seconds)

@@ -52,6 +52,11 @@ class EvalConfig:
             per case / exactly this many new tokens (None: all prompts, ROME's 100-token total length).
         consistency_files: a folder with ROME's attribute_snippets.json, idf.npy and
             tfidf_vocab.json, or a mapping with those three keys.
+        pre_from: the ``output_dir`` of an earlier evaluation of the same model, metrics and
+            batching: the unedited (pre) scores of its cases are reused for the same cases
+            instead of computed again (the pre phase runs without any store, so they do not
+            depend on the store); cases it lacks are scored. ``evals.sequential`` passes the
+            previous round's folder. The report counts the reused cases.
     """
 
     limit: int | None = None
@@ -67,6 +72,7 @@ class EvalConfig:
     generation_prompts: int | None = None
     generation_tokens: int | None = None
     consistency_files: str | os.PathLike[str] | Mapping[str, str] | None = None
+    pre_from: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         _check_number("confidence", self.confidence, "a number in (0, 1), e.g. confidence=0.95")
@@ -84,6 +90,9 @@ class EvalConfig:
         if not (self.consistency_files is None or isinstance(self.consistency_files, (str, os.PathLike, Mapping))):
             raise ValueError(f"consistency_files must be a folder or a mapping of ROME's three files, got a "
                              f"{type(self.consistency_files).__name__}")
+        if not (self.pre_from is None or isinstance(self.pre_from, (str, os.PathLike))):
+            raise ValueError(f"pre_from must be the output_dir of an earlier evaluation (a path) or None, got a "
+                             f"{type(self.pre_from).__name__}")
         object.__setattr__(self, "metrics", _check_metrics(self.metrics))
         object.__setattr__(self, "general_tasks", _tuple_or_none(check_general_tasks(self.general_tasks)))
 

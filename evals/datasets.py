@@ -29,12 +29,15 @@ the field and the fix; with ``skip_invalid=True`` it is skipped, logged, and lis
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 from evals.cases import DatasetError, EvalCase, EvalCases, Kind, LoadReport
 from evals.formats import detect_kind, parse_counterfact, parse_zsre
 from evals.sources import read_records, resolve_source
+
+log = logging.getLogger(__name__)
 
 __all__ = ["editable_cases", "load_any", "load_counterfact", "load_zsre"]
 
@@ -94,8 +97,15 @@ def _records(kind: Kind, source: Source, *, data_dir: str | os.PathLike | None, 
         if sha256 is not None:
             raise DatasetError("sha256= checks a file; a datasets.Dataset or hub dataset id has none to check")
         return hf_datasets.records_from(source, split=split, offset=offset, limit=limit)
-    path = resolve_source(kind, source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir)
-    return _window(read_records(path), offset, limit), str(path)
+    wanted = None if limit is None else offset + limit  # in the data dir: the first file that holds them
+    path = resolve_source(kind, source, data_dir=data_dir, split=split, sha256=sha256, cache_dir=cache_dir,
+                          min_records=wanted)
+    records = read_records(path)
+    if wanted is not None and len(records) < wanted:
+        log.warning("%s holds %d records: %d of the %d asked for (offset %d, limit %d) are loaded; "
+                    "evals.sources.choose_source lists the data dir's files", path, len(records),
+                    max(0, len(records) - offset), limit, offset, limit)
+    return _window(records, offset, limit), str(path)
 
 
 def load_counterfact(source: Source = None, *, data_dir: str | os.PathLike | None = None,

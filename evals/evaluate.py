@@ -46,7 +46,7 @@ from evals.cases import EvalCase, EvalCases
 from evals.config import EvalConfig, general_module, resolve_config
 from evals.metrics import chat as chat_metric
 from evals.metrics.specs import select_metrics
-from evals.runs import SCHEMA, RunFolder, cases_digest, store_digest
+from evals.runs import SCHEMA, RunFolder, cases_digest, earlier_pre, store_digest
 from evals.scoring import ScoringPlan, consistency_reference, score_chunk
 from evals.selection import case_kind, check_targets, default_only_stored, load_cases, select_cases
 from evals.summary import edit_summary, model_info, summarize_firing, summarize_metrics, versions
@@ -204,13 +204,15 @@ def _run_cases(model: Any, tok: Any, db: Any, run: _Run, cfg: EvalConfig, *, pro
     done = run.folder.done
     row_of = {fid: i for i, fid in enumerate(db.ids)}
     todo = [c for c in run.cases if c.fact.id not in done]
+    known = earlier_pre(cfg.pre_from, run.folder.identity) if cfg.pre_from is not None and todo else {}
     bar = tqdm(total=len(run.cases), initial=len(run.cases) - len(todo), desc="evaluate", unit="case",
                disable=not progress)
     try:
         for start in range(0, len(run.cases), cfg.chunk):
             batch = [c for c in run.cases[start:start + cfg.chunk] if c.fact.id not in done]
             if batch:
-                run.folder.append(score_chunk(model, tok, db, batch, run.plan, run.reference, row_of, run.timings))
+                run.folder.append(score_chunk(model, tok, db, batch, run.plan, run.reference, row_of, run.timings,
+                                              known_pre=known))
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -245,6 +247,8 @@ def _assemble(tok: Any, db: Any, run: _Run, cfg: EvalConfig, *, general: dict[st
               "confidence": cfg.confidence, "only_stored": run.only_stored, "fluency": run.fluency,
               "consistency_files": run.reference_paths, "general_tasks": run.tasks,
               "general_limit": cfg.general_limit,
+              "pre_from": str(cfg.pre_from) if cfg.pre_from is not None else None,
+              "pre_reused": sum(bool(r.get("pre_reused")) for r in records),
               "output_dir": str(output_dir) if output_dir is not None else None,
               "data_dir": str(data_dir) if data_dir is not None else os.environ.get("NEURALDB_DATA_DIR")}
     return {

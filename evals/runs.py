@@ -32,7 +32,7 @@ from evals.cases import EvalCase
 from evals.compare import flatten
 from evals.report import write_json
 
-__all__ = ["SCHEMA", "RunFolder", "cases_digest", "store_digest"]
+__all__ = ["SCHEMA", "RunFolder", "cases_digest", "earlier_pre", "store_digest"]
 
 log = logging.getLogger(__name__)
 SCHEMA = "neuraldb.evaluate/1"  # of report.json and run.json
@@ -124,3 +124,27 @@ class RunFolder:
             fh.write("\n".join(lines) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def earlier_pre(folder: str | os.PathLike, identity: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """fact id -> record of the cases scored in the run folder ``folder``, whose pre (unedited) scores
+    a run of ``identity`` may reuse: a ValueError naming ``pre_from`` unless that run evaluated the same
+    model (name, dtype, device), metrics, generation settings and consistency reference.
+
+    Example::
+
+        known = earlier_pre("reports/round-01", identity)   # {'fact-1a2b': {'pre': {...}, ...}, ...}
+    """
+    path = Path(folder)
+    run = path / "run.json"
+    if not run.is_file():
+        raise ValueError(f"pre_from={str(path)!r} holds no run.json: give the output_dir of an earlier evaluation")
+    saved = json.loads(run.read_text(encoding="utf-8")).get("identity") or {}
+    for key in ("model", "metrics", "fluency", "consistency"):
+        if saved.get(key) != identity.get(key):
+            raise ValueError(f"pre_from={str(path)!r} was evaluated with another {key} ({saved.get(key)!r}, this run: "
+                             f"{identity.get(key)!r}); its unedited scores cannot be reused: drop pre_from")
+    folder_now = RunFolder.__new__(RunFolder)  # read cases.jsonl as a resumed run would, writing nothing
+    folder_now.dir = path
+    return folder_now._read_cases()
+

@@ -112,14 +112,17 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 
 def score_chunk(model: Any, tok: Any, db: Any, batch: Sequence[EvalCase], plan: ScoringPlan, reference: Any,
-                row_of: Mapping[str, int], timings: dict[str, float]) -> list[dict[str, Any]]:
+                row_of: Mapping[str, int], timings: dict[str, float],
+                known_pre: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The records of ``batch`` (pre, post, firing, details, samples, seconds per case) as ``cases.jsonl`` keeps them.
 
     Expects the store detached; attaches it for the post phase and detaches it again (also on errors).
+    ``known_pre`` (fact id -> an earlier record of the same case, :func:`evals.runs.earlier_pre`) gives
+    the pre phase of those cases instead of scoring them again.
     """
     t_chunk = time.perf_counter()
     reduced = [reduce_case(c, plan) for c in batch]
-    pre = score(model, tok, reduced, plan, reference, timings, "pre")
+    pre = _pre_phase(model, tok, batch, reduced, plan, reference, timings, known_pre or {})
     db.attach(model, check=False)
     try:
         post = score(model, tok, reduced, plan, reference, timings, "post")
@@ -140,10 +143,33 @@ def score_chunk(model: Any, tok: Any, db: Any, batch: Sequence[EvalCase], plan: 
     for c, a, b, g in zip(batch, pre, post, firing):
         rec = {"case_id": c.case_id, "fact_id": c.fact.id, "pre": a["values"], "post": b["values"], "firing": g,
                "detail": {"pre": a["detail"], "post": b["detail"]}, "seconds": per_case_s}
+        if a.get("reused"):
+            rec["pre_reused"] = True  # the pre phase is an earlier run's (EvalConfig.pre_from)
         if a.get("texts") or b.get("texts"):
             rec["samples"] = {"pre": (a.get("texts") or [None])[0], "post": (b.get("texts") or [None])[0]}
         records.append(clean_json(rec))
     return records
+
+
+def _pre_phase(model: Any, tok: Any, batch: Sequence[EvalCase], reduced: Sequence[EvalCase], plan: ScoringPlan,
+               reference: Any, timings: dict[str, float], known: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The pre phase of ``batch``: from ``known`` records of the same cases, the rest scored now."""
+    def reusable(c: EvalCase) -> Mapping[str, Any] | None:
+        rec = known.get(c.fact.id)
+        return rec if rec is not None and rec.get("case_id") == c.case_id else None
+
+    todo = [i for i, c in enumerate(batch) if reusable(c) is None]
+    fresh = iter(score(model, tok, [reduced[i] for i in todo], plan, reference, timings, "pre") if todo else [])
+    out = []
+    for i, c in enumerate(batch):
+        rec = reusable(c)
+        if rec is None:
+            out.append(next(fresh))
+        else:
+            sample = (rec.get("samples") or {}).get("pre")
+            out.append({"values": rec["pre"], "detail": rec["detail"]["pre"], "texts": [sample] if sample else None,
+                        "reused": True})
+    return out
 
 
 def score(model: Any, tok: Any, cases: Sequence[EvalCase], plan: ScoringPlan, reference: Any,

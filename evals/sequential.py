@@ -14,7 +14,9 @@ Example::
 The protocol of GRACE, WISE, AlphaEdit and EasyEdit's sequential setting: the first ``rounds x
 per_round`` editable CounterFact cases are cut into rounds; round ``r`` edits its ``per_round`` facts
 into the SAME store (``neuraldb.edit(..., db=db)``), then ``neuraldb.evaluate`` scores ES / PS / NS
-(pre and post, with intervals) on every fact edited so far. Each round records the means over
+(pre and post, with intervals) on every fact edited so far (the pre scores of facts an earlier
+round scored are that round's: ``EvalConfig.pre_from``, since the unedited model does not
+depend on the store). Each round records the means over
 all of them, over the first round's facts (do the oldest edits survive?) and over this round's.
 Then the all-at-once baseline: one edit of all the facts into a fresh store, one evaluation.
 
@@ -121,7 +123,9 @@ def run_sequential(
     for r in range(plan.rounds):
         record, db = _round(model, tokenizer, db, cases, r, plan, config, out, eval_options)
         rounds.append(record)
-    batch, batch_db = _all_at_once(model, tokenizer, cases, config, out, eval_options)
+    last = _round_dir(out, plan.rounds)
+    batch, batch_db = _all_at_once(model, tokenizer, cases, config, out,
+                                   eval_options | {"pre_from": last if last.is_dir() else None})
     if db is None:  # every round was read back: the final store is the checkpoint
         db = neuraldb.NeuralDB.load(path, model=model)
     comparison = compare_stores(db, batch_db, cases=cases)
@@ -205,8 +209,10 @@ def _round(model: Any, tokenizer: Any, db: Any, cases: list[Any], r: int, plan: 
     refit = list(db.last_edit.refit) if db.last_edit is not None else []
     so_far = cases[:(r + 1) * k]
     t0 = time.perf_counter()
+    before = _round_dir(out, r)  # the unedited scores of the earlier facts do not depend on the store: reused
     report = neuraldb.evaluate(model, db, tokenizer=tokenizer, dataset=list(so_far), metrics=list(_KEYS),
-                               output_dir=_round_dir(out, r + 1), **eval_options)
+                               output_dir=_round_dir(out, r + 1), pre_from=before if r and before.is_dir() else None,
+                               **eval_options)
     record = {"round": r + 1, "facts_stored": len(db), "fact_ids": [c.fact.id for c in new],
               "refit_earlier": refit, "edit_seconds": edit_s, "eval_seconds": time.perf_counter() - t0,
               "all": _means(report["metrics"]),

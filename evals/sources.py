@@ -10,7 +10,9 @@ The first that applies (a ``datasets.Dataset`` or hub id never gets here: :mod:`
   1. ``source``: a local path, a ``file://`` URL, or an ``http(s)://`` URL (downloaded once
      into the cache dir; pass ``sha256=`` to pin it).
   2. ``data_dir=`` or ``$NEURALDB_DATA_DIR``: a folder laid out like ``DATA_DIR_LAYOUT``
-     (the first existing candidate for the ``split`` wins; none is an error, never a download).
+     (:func:`choose_source`: the first existing candidate for the ``split`` that holds
+     ``min_records``, else the first existing one; split ``"any"``: the eval candidates, then
+     the train ones; none is an error, never a download).
   3. The public file in ``PUBLIC_FILES`` (ROME's ``counterfact.json`` / ``zsre_mend_eval.json``),
      downloaded atomically into ``cache_dir`` / ``$NEURALDB_CACHE_DIR`` /
      ``~/.cache/neuraldb/datasets``. Checksums: no published sha256 of either file could be
@@ -36,7 +38,8 @@ from typing import Any
 from evals.cases import DatasetError, Kind
 from neuraldb.io import atomic_write, default_data_dir, sha256_file, write_text
 
-__all__ = ["DATA_DIR_LAYOUT", "PUBLIC_FILES", "RemoteFile", "download", "read_records", "resolve_source"]
+__all__ = ["DATA_DIR_LAYOUT", "PUBLIC_FILES", "RemoteFile", "SourceChoice", "choose_source", "count_records", "download",
+           "read_records", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,98 @@ DATA_DIR_LAYOUT: dict[tuple[str, str], tuple[str, ...]] = {
     ("zsre", "eval"): ("zsre/zsre_mend_eval.json", "zsre_eval_subset/zsre_mend_eval_subset19.json"),
     ("zsre", "train"): ("zsre/zsre_mend_train.json", "zsre/zsre_mend_train-1k.json"),
 }
+
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """The data-dir file :func:`choose_source` picked for ``(kind, split, n)``, and why.
+
+    ``files``: every existing data-dir file of the kind, ``(split, path, records)``, preferred first.
+    ``enough``: the file holds the ``n`` asked for (always True for ``n=None``, "all").
+    """
+
+    kind: str
+    split: str
+    path: Path
+    records: int
+    n: int | None
+    reason: str
+    files: tuple[tuple[str, Path, int], ...]
+
+    @property
+    def enough(self) -> bool:
+        return self.n is None or self.records >= self.n
+
+    def others_holding(self, n: int) -> list[tuple[str, Path, int]]:
+        """The data-dir files (any split) that hold at least ``n`` records."""
+        return [f for f in self.files if f[2] >= n]
+
+    def describe_files(self) -> str:
+        """``counterfact_rome/...json (eval): 2,191; counterfact/counterfact-edit.json (eval): 10,000; ...``"""
+        return "; ".join(f"{p} ({s}): {r:,}" for s, p, r in self.files)
+
+
+def count_records(path: Path) -> int:
+    """The number of records in a dataset file (``read_records``)."""
+    return len(read_records(path))
+
+
+def _splits(kind: str, split: str) -> tuple[str, ...]:
+    if split == "any":
+        return tuple(s for k, s in DATA_DIR_LAYOUT if k == kind)
+    if (kind, split) not in DATA_DIR_LAYOUT:
+        splits = sorted(s for k, s in DATA_DIR_LAYOUT if k == kind) + ["any"]
+        raise DatasetError(f"unknown {kind} split {split!r}; choose one of {splits}")
+    return (split,)
+
+
+def choose_source(kind: Kind, *, split: str = "eval", n: int | None = None,
+                  data_dir: str | os.PathLike | None = None) -> SourceChoice:
+    """The data-dir file to read ``n`` cases of ``kind`` from (``n=None``: as many as it holds).
+
+    Candidates are ``DATA_DIR_LAYOUT[(kind, split)]`` in order (split ``"any"``: every split's,
+    eval first). With ``n``: the first existing one that holds ``n`` records, else the largest
+    (``choice.enough`` is False: the caller decides whether that is an error). With ``n=None``:
+    the first existing one for a named split (as :func:`resolve_source` always did), the largest
+    for ``"any"``. A :class:`DatasetError` when no data dir is set or none of its files exist.
+    """
+    root = default_data_dir(data_dir)
+    if root is None:
+        raise DatasetError(f"no data dir: set NEURALDB_DATA_DIR or data_dir= to a folder laid out like "
+                           f"evals.sources.DATA_DIR_LAYOUT")
+    wanted = _splits(kind, split)
+    files: list[tuple[str, Path, int]] = []
+    every = tuple(s for k, s in DATA_DIR_LAYOUT if k == kind)
+    for sp in every:
+        for rel in DATA_DIR_LAYOUT[(kind, sp)]:
+            path = Path(root) / rel
+            if path.is_file() and all(p != path for _, p, _ in files):
+                files.append((sp, path, count_records(path)))
+    candidates = [f for f in files if f[0] in wanted]
+    if not candidates:
+        looked = [str(Path(root) / rel) for sp in wanted for rel in DATA_DIR_LAYOUT[(kind, sp)]]
+        raise DatasetError(f"no {kind} {split} file in data dir {root} (looked for {looked}); add one or pass "
+                           "source=")
+    what = f"{kind} file (any split)" if split == "any" else f"{kind} {split} file"
+    first = candidates[0]
+    largest = max(candidates, key=lambda f: f[2])  # the first of equal sizes
+    if n is None:
+        pick = largest if split == "any" else first
+        reason = ("the largest " if split == "any" else "the preferred ") + f"{what} of the data dir"
+    else:
+        fits = [f for f in candidates if f[2] >= n]
+        pick = fits[0] if fits else largest
+        if not fits:
+            reason = f"no {what} holds {n:,}; the largest holds {largest[2]:,}"
+        elif pick is first:
+            reason = f"the preferred {what}, holding {pick[2]:,} >= {n:,}"
+        else:
+            skipped = ", ".join(f"{p.name} ({r:,})" for _, p, r in candidates[: candidates.index(pick)])
+            reason = f"the first {what} holding {n:,} cases; preferred but too small: {skipped}"
+    if pick is not first and (n is None or pick[2] >= n):
+        log.warning("%s: %s (%d records) is chosen: %s", what, pick[1], pick[2], reason)
+    return SourceChoice(kind=kind, split=pick[0], path=pick[1], records=pick[2], n=n, reason=reason,
+                        files=tuple(files))
 
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, size: int | None = None,
@@ -131,8 +226,10 @@ def _fetch(url: str, dest: Path, *, sha256: str | None, size: int | None) -> Pat
 
 def resolve_source(kind: Kind, source: str | os.PathLike | None = None, *,
                    data_dir: str | os.PathLike | None = None, split: str = "eval",
-                   sha256: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local file a loader reads (downloading it if needed); see the module docstring."""
+                   sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
+                   min_records: int | None = None) -> Path:
+    """The local file a loader reads (downloading it if needed); see the module docstring.
+    ``min_records``: in the data dir, prefer the first candidate that holds that many (:func:`choose_source`)."""
     if source is not None:
         text = str(source)
         scheme = urllib.parse.urlparse(text).scheme
@@ -146,20 +243,18 @@ def resolve_source(kind: Kind, source: str | os.PathLike | None = None, *,
         if sha256 is not None and sha256_file(path) != sha256.lower():
             raise DatasetError(f"{path} does not match sha256 {sha256}")
         return path
-    if (kind, split) not in DATA_DIR_LAYOUT:
-        splits = sorted(s for k, s in DATA_DIR_LAYOUT if k == kind)
-        raise DatasetError(f"unknown {kind} split {split!r}; choose one of {splits}")
+    _splits(kind, split)
     root = default_data_dir(data_dir)
     if root is not None:
-        candidates = [Path(root) / rel for rel in DATA_DIR_LAYOUT[(kind, split)]]
-        for path in candidates:
-            if path.is_file():
-                if sha256 is not None and sha256_file(path) != sha256.lower():
-                    raise DatasetError(f"{path} does not match sha256 {sha256}")
-                return path
-        raise DatasetError(f"no {kind} {split} file in data dir {root} (looked for "
-                           f"{[str(c) for c in candidates]}); add one or pass source=")
-    if split != "eval":
+        first = next((Path(root) / rel for rel in DATA_DIR_LAYOUT.get((kind, split), ())
+                      if (Path(root) / rel).is_file()), None)
+        if first is None or min_records is not None or split == "any":  # counting the records is needed
+            first = choose_source(kind, split=split, n=min_records, data_dir=root).path
+        path = first
+        if sha256 is not None and sha256_file(path) != sha256.lower():
+            raise DatasetError(f"{path} does not match sha256 {sha256}")
+        return path
+    if split not in ("eval", "any"):
         raise DatasetError(f"there is no public {kind} {split} file to download; pass source= or data_dir=")
     remote = PUBLIC_FILES[kind]
     return _fetch(remote.url, _cache_dir(cache_dir) / remote.filename,

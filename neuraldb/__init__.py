@@ -35,6 +35,7 @@ _LAZY = {
     "NeuralDB": ".store",
     "StoreError": ".store",
     "edit": ".editor",
+    "edit_distributed": ".distributed",
     "forget": ".refit",
     "EditReport": ".identity",
     "Replacement": ".identity",
@@ -46,6 +47,7 @@ _LAZY = {
     "detached": ".hook",
     "UnreachableFactError": ".reach",
     "load_model": ".models",
+    "resolve_settings": ".settings",
 }
 
 __all__ = [

@@ -6,6 +6,7 @@ Example::
     neuraldb edit --model smollm2-135m --facts facts.json --out store.safetensors
     neuraldb evaluate --model smollm2-135m --dataset counterfact --n 100
     neuraldb gate --model smollm2-135m --store store.safetensors --policy policy.yaml
+    neuraldb settings --config llama3/config.json --model-name meta-llama/Meta-Llama-3-8B
     neuraldb harness -- --model neuraldb --model_args pretrained=smollm2-135m --tasks sciq --limit 20
 
 Sub-commands are data: :data:`COMMANDS` maps each name to its help line and two
@@ -61,8 +62,14 @@ COMMANDS: dict[str, Command] = {
                     "neuraldb.cli:_add_demo_arguments", "neuraldb.cli:_run_demo"),
     "edit": Command("edit facts from a file into a store (resumable)",
                     "neuraldb.cli:_add_edit_arguments", "neuraldb.cli:_run_edit"),
+    "forget": Command("remove facts from a store as if never edited (re-fits the facts sharing their residual)",
+                      "neuraldb.cli:_add_forget_arguments", "neuraldb.cli:_run_forget"),
+    "settings": Command("the edit settings (layer, lr, steps) a model gets and where each comes from",
+                        "neuraldb.cli:_add_settings_arguments", "neuraldb.cli:_run_settings"),
     "evaluate": Command("edit the first N facts of a dataset and evaluate them (pre/post)",
                         "evals.cli:add_evaluate_arguments", "evals.cli:run_evaluate"),
+    "gpu-evals": Command("the paper's scale in one job: CounterFact (10,000) and ZsRE edited and evaluated, then the gate",
+                         "evals.gpu_evals:add_gpu_evals_arguments", "evals.gpu_evals:run_gpu_evals"),
     "compare": Command("compare two saved reports without re-running",
                        "evals.cli:add_compare_arguments", "evals.cli:run_compare"),
     "gate": Command("the release gate: decide whether an edited checkpoint may be released",
@@ -238,16 +245,28 @@ def _edit_plan(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     return out, ckpt, bool(args.append and out.exists() and not resuming)
 
 
-def _run_edit(args: argparse.Namespace) -> int:
-    out, ckpt, append = _edit_plan(args)
-    from . import EditConfig, NeuralDB, edit, load_model
+def _edit_config(args: argparse.Namespace) -> Any:
+    """The :class:`~neuraldb.config.EditConfig` of ``neuraldb edit``'s options."""
+    from . import EditConfig
 
-    model, tok = load_model(args.model)
+    return EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
+                      chat_residuals=args.chat_residuals,
+                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    from .distributed import launched, run_edit_cli
+
+    if launched():  # started by torchrun with more than one process: neuraldb.distributed
+        return run_edit_cli(args)
+    out, ckpt, append = _edit_plan(args)
+    from . import NeuralDB, edit, load_model
+
+    model, tok = load_model(args.model, device=args.device)
     facts = _load_facts(args.facts)[: args.n]
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
-                     chat_residuals=args.chat_residuals,
-                     **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+    cfg = _edit_config(args)
     base = NeuralDB.load(out, model=model) if append else None
+    _print_settings(model, cfg)
     db = edit(model, tok, facts, config=cfg, db=base, checkpoint=ckpt)
     db.save(out)
     ckpt.unlink(missing_ok=True)  # the run is finished: no checkpoint left to resume
@@ -255,6 +274,63 @@ def _run_edit(args: argparse.Namespace) -> int:
         print(line)
     print(f"{len(db)} facts -> {out}")
     return 0
+
+
+def _forget_ids(db: Any, args: argparse.Namespace) -> list[str]:
+    """The stored ids ``neuraldb forget`` removes: ``--id`` as given, and the stored fact of each
+    ``--subject``/``--prompt`` pair or each fact of ``--facts`` (by identity, whatever its target);
+    a ValueError (exit 2) naming what is not stored, before anything is removed."""
+    ids = list(args.id or [])
+    wanted: list[tuple[str, str]] = []
+    if args.subject is not None or args.prompt is not None:
+        if args.subject is None or args.prompt is None:
+            raise ValueError("--subject and --prompt go together: give both (e.g. --subject 'LeBron James' "
+                             "--prompt '{} plays the sport of'), or use --id")
+        wanted.append((args.subject, args.prompt))
+    if args.facts:
+        wanted += [(f.subject, f.prompt) for f in _load_facts(args.facts)]
+    if not ids and not wanted:
+        raise ValueError("nothing to forget: give --id ID (repeatable), --subject with --prompt, or --facts FILE")
+    missing = [i for i in ids if i not in db.ids]
+    for subject, prompt in wanted:
+        found = db.find(subject=subject, prompt=prompt)
+        if found is None:
+            missing.append(f"(subject {subject!r}, prompt {prompt!r})")
+        else:
+            ids.append(found)
+    if missing:
+        raise ValueError(f"{args.store} does not hold {len(missing)} of the facts to forget: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; nothing was removed (see the stored facts' "
+                         "subjects and prompts with neuraldb.NeuralDB.load(path).facts)")
+    return list(dict.fromkeys(ids))
+
+
+def _run_forget(args: argparse.Namespace) -> int:
+    from . import NeuralDB, forget, load_model
+
+    store = Path(args.store)
+    if not store.exists():
+        raise ValueError(f"--store {store} does not exist; give the store file written by neuraldb edit")
+    out = Path(args.out) if args.out else store
+    model, tok = load_model(args.model)
+    db = NeuralDB.load(store, model=model)
+    ids = _forget_ids(db, args)
+    report = forget(model, tok, db, ids, restore=not args.no_restore)
+    db.save(out)
+    print(f"{len(report.removed)} removed, {len(report.refit)} re-fitted (facts about the same subjects); "
+          f"{len(db)} facts -> {out}")
+    for i in report.removed:
+        print(f"  removed {i}")
+    for i in report.refit:
+        print(f"  re-fitted {i}")
+    return 0
+
+
+def _print_settings(model: Any, config: Any) -> None:
+    """The layer / lr / steps ``neuraldb.edit`` will use for ``model`` and where each comes from."""
+    from .settings import resolve_settings
+
+    print("edit settings:\n  " + "\n  ".join(resolve_settings(model, config=config).lines()))
 
 
 def _edit_summary(report: Any) -> list[str]:
@@ -274,6 +350,20 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", help="write the store to this .safetensors file")
 
 
+def _add_forget_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="the model the store was edited with (checked)")
+    p.add_argument("--store", required=True, help="store file (.safetensors) written by neuraldb edit")
+    p.add_argument("--out", default=None, help="write the new store here (default: replace --store, atomically)")
+    p.add_argument("--id", action="append", help="id of a stored fact to forget (repeatable)")
+    p.add_argument("--subject", help="with --prompt: forget the stored fact of this subject and relation prompt")
+    p.add_argument("--prompt", help="the relation prompt with {} for the subject, e.g. '{} plays the sport of'")
+    p.add_argument("--facts", help="JSON list of facts or a CounterFact/ZsRE file: forget the stored fact of each "
+                   "one's subject and prompt (whatever its target)")
+    p.add_argument("--no-restore", action="store_true",
+                   help="re-fit the siblings on their own prompts only (exactly a fresh edit of them); by default "
+                        "the re-fit also holds each forgotten prompt to the unedited model's answer")
+
+
 def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--facts", required=True,
@@ -291,6 +381,9 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
                         "before the suffix); removed when the run finishes")
     p.add_argument("--n", type=int, default=None, help="edit the first N facts (N >= 1; default: all)")
     p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--device", default=None,
+                   help="device of the model, e.g. cuda:0 (default: cpu; under torchrun, cuda:LOCAL_RANK when CUDA is "
+                        "available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
     p.add_argument("--residual-dtype", default=None,
                    help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
@@ -300,6 +393,48 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-residuals", action="store_true",
                    help="also optimise each residual on the prompt asked as a chat turn, so the edit carries into "
                    "chat use (EditConfig.chat_residuals; README, 'Mentions, chat use')")
+
+
+def _add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="built-in alias, local model folder or hub id (read from the local cache); "
+                     "only its config is read, never its weights")
+    src.add_argument("--config", help="a config.json (or the folder holding it)")
+    p.add_argument("--model-name", default=None,
+                   help="the name the table's rows are matched against (default: --model, or --config's path)")
+    p.add_argument("--layer", type=int, default=None, help="as EditConfig(layer=...): your value wins")
+    p.add_argument("--lr", type=float, default=None, help="as EditConfig(lr=...): your value wins")
+    p.add_argument("--steps", type=int, default=None, help="as EditConfig(steps=...): your value wins")
+    p.add_argument("--json", action="store_true", help="print the resolved fields and their sources as JSON")
+
+
+def settings_config(args: argparse.Namespace) -> Any:
+    """The EditConfig of ``--layer`` / ``--lr`` / ``--steps`` (None: the model's setting)."""
+    from .config import EditConfig
+
+    return EditConfig(layer=args.layer, lr=args.lr, steps=args.steps)
+
+
+def _run_settings(args: argparse.Namespace) -> int:
+    from .models import model_config
+    from .settings import resolve_settings
+
+    hf_config, where = model_config(args.model or args.config)
+    if hf_config is None:
+        raise ValueError(f"{where}; pass --config with its config.json")
+    resolved = resolve_settings(hf_config, config=settings_config(args), name=args.model_name or args.model)
+    if args.json:
+        print(json.dumps({"model": resolved.model_name, "model_type": resolved.model_type,
+                          "n_layers": resolved.n_layers, "config_file": where, "row": resolved.row,
+                          "row_source": resolved.row_source,
+                          "settings": {k: {"value": getattr(resolved.config, k), "source": resolved.sources[k]}
+                                       for k in resolved.sources}}, indent=1))
+        return 0
+    print(f"model {resolved.model_name or '(no name)'}: {resolved.model_type}, {resolved.n_layers} layers "
+          f"(config: {where})")
+    for line in resolved.lines():
+        print(f"  {line}")
+    return 0
 
 
 def _command_in(argv: Sequence[str]) -> str | None:

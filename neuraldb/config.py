@@ -13,11 +13,15 @@ Environment (device, paths) never lives here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from numbers import Real
 from typing import Any, Mapping
 
-__all__ = ["EditConfig", "check_gamma"]
+__all__ = ["EditConfig", "FALLBACKS", "check_gamma"]
+
+# What EditConfig's None-able hyper-parameters mean when neither the user nor the model's
+# settings row (neuraldb/settings.json) sets them; the layer's fallback is the family's fraction.
+FALLBACKS: dict[str, Any] = {"steps": 25, "lr": 0.5}
 
 
 def check_gamma(value: Any, *, where: str, error: type[ValueError] = ValueError) -> float:
@@ -38,9 +42,13 @@ def check_gamma(value: Any, *, where: str, error: type[ValueError] = ValueError)
 class EditConfig:
     """How keys and residuals are computed, and how the gate reads them.
 
-    layer: edit layer; None = the family's default, about a third of the depth (inferred).
+    layer: edit layer; None = the model's setting (``neuraldb/settings.json``, e.g. 8 for
+        Llama-3-8B), else the family's default, about a third of the depth (inferred).
     gamma: cosine threshold of the gate (0.65 for every model in the paper).
-    steps / lr: Adam steps and learning rate of the residual optimisation.
+    steps / lr: Adam steps and learning rate of the residual optimisation; None = the model's
+        setting (``neuraldb/settings.json``: lr 0.1 for Llama-3-8B, 20 steps for GPT-2 XL),
+        else ``FALLBACKS`` (25 steps, lr 0.5). :func:`neuraldb.settings.resolve_settings` fills
+        them (``neuraldb.edit`` does, and writes the values used into the store).
     kl_factor: weight of KL(p_orig || p_edit) on ``kl_prompt`` (essence drift).
     weight_decay: weight of ||delta|| / ||h||^2.
     clamp_norm_factor: after each step ||delta|| <= factor * ||h||.
@@ -84,8 +92,8 @@ class EditConfig:
 
     layer: int | None = None
     gamma: float = 0.65
-    steps: int = 25
-    lr: float = 0.5
+    steps: int | None = None
+    lr: float | None = None
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
@@ -112,8 +120,10 @@ class EditConfig:
 
         need(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0), "layer", "use an int >= 0 or None")
         check_gamma(self.gamma, where="EditConfig.gamma")
-        need(isinstance(self.steps, int) and self.steps >= 0, "steps", "use an int >= 0")
-        need(self.lr > 0, "lr", "use a positive learning rate")
+        need(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                    and self.steps >= 0), "steps", "use an int >= 0 or None")
+        need(self.lr is None or (isinstance(self.lr, Real) and not isinstance(self.lr, bool) and self.lr > 0), "lr",
+             "use a positive learning rate or None")
         need(self.kl_factor >= 0, "kl_factor", "use a value >= 0")
         need(self.weight_decay >= 0, "weight_decay", "use a value >= 0")
         need(self.clamp_norm_factor > 0, "clamp_norm_factor", "use a value > 0")
@@ -133,6 +143,12 @@ class EditConfig:
             "context_prefixes",
             "give at least one prefix, or set bare_weight=1.0 to key on the bare prompt alone",
         )
+
+    def filled(self) -> "EditConfig":
+        """This config with ``FALLBACKS`` for ``lr`` / ``steps`` left None (no model at hand: a
+        model's own settings come from :func:`neuraldb.settings.resolve_settings`)."""
+        missing = {k: v for k, v in FALLBACKS.items() if getattr(self, k) is None}
+        return replace(self, **missing) if missing else self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -43,6 +43,7 @@ from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
 from .residuals import compute_residuals, optimisation_model
+from .settings import resolve_settings
 from .timing import phase
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
@@ -156,13 +157,15 @@ def edit(
     progress: bool = True,
     check: bool = True,
     strict: bool = False,
-) -> NeuralDB:
+    distributed: bool = False,
+) -> NeuralDB | None:
     """Compute a key and a residual for each fact; return the store (not attached).
 
     Args:
         facts: :class:`Fact` objects or mappings; validated before any work. Two facts with
             one identity ``(subject, prompt)`` are a :class:`~neuraldb.facts.FactConflictError`.
-        config: :class:`EditConfig` (layer None = the family's default).
+        config: :class:`EditConfig`; its ``layer`` / ``lr`` / ``steps`` left None are the model's
+            settings (:func:`neuraldb.settings.resolve_settings`, logged at INFO), else the fallbacks.
         db: add to this store instead of a new one (an upsert, :mod:`neuraldb.identity`): a fact
             whose identity is stored with another target replaces the stored fact (logged at
             INFO, old and new target; the facts about its subject are re-fitted with it); one
@@ -177,15 +180,26 @@ def edit(
             fact (:mod:`neuraldb.reach`): a warning lists them, ``db.unreachable()`` returns them.
         strict: raise :class:`~neuraldb.reach.UnreachableFactError` (with the finished store
             as its ``db`` attribute) instead of warning.
+        distributed: shard the facts across the ranks of ``torch.distributed`` (every rank makes
+            this same call, e.g. under ``torchrun``): :func:`neuraldb.distributed.edit_distributed`.
+            Rank 0 gets the whole store, equal to this function's; the other ranks get None.
     """
-    config = config or EditConfig()
+    if distributed:
+        if db is not None:
+            raise StoreError("distributed=True edits into a new store only (db= is given): edit the facts into a "
+                             "new store, or add them to this one in a single process")
+        from .distributed import edit_distributed
+
+        return edit_distributed(model, tokenizer, facts, config=config, checkpoint=checkpoint,
+                                checkpoint_every=checkpoint_every, progress=progress, check=check, strict=strict)
+    config = resolve_settings(model, config=config).config  # layer / lr / steps: yours, else the model's row
     facts = validate_facts(facts)
     check_conflicts(facts)
     arch = resolve_arch(
         model, layers=config.layers_template, mlp_out=config.mlp_out_template,
         residual_out=config.residual_out_template,
     )
-    layer = arch.check_layer(config.layer if config.layer is not None else arch.default_layer)
+    layer = arch.check_layer(config.layer)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     db, templates = _resume(model, config, layer, db, ckpt)
     with detached(model), _eval_mode(model):  # keys and residuals are always computed on the unedited model

@@ -302,10 +302,12 @@ class StoreHook:
         kwargs, ids, mask = call_inputs(self._traces[0] if self._traces else None, batch, seq)
         valid = valid_positions(kwargs, mask, batch, seq, x.device).reshape(-1)  # (batch*seq,)
         rows = valid.nonzero().squeeze(1)  # (m,) only these are gated: the sink and padding never fire
-        gated, at = db.fire(x.reshape(-1, db.d_key)[rows])  # (m,) each
+        queries = x.reshape(-1, db.d_key)[rows]  # (m, d_key)
         if db.checks_words(x.device):  # (batch, seq, width) token ids ending at each position
             windows = self._windows(kwargs, ids, mask, batch, seq, x.device)
-            gated = gated & db.word_ok(at, windows.reshape(batch * seq, -1)[rows])
+            gated, at = db.fire_checked(queries, windows.reshape(batch * seq, -1)[rows])  # (m,) each
+        else:
+            gated, at = db.fire(queries)  # (m,) each
         fire = torch.zeros_like(valid).index_copy_(0, rows, gated)  # (batch*seq,)
         index = torch.full_like(valid, -1, dtype=torch.long).index_copy_(0, rows, at)
         db.firing.record(valid, fire, index, batch, seq)

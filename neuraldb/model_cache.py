@@ -38,7 +38,9 @@ class PerModel:
 
     def __init__(self, *, per_model: int = 8) -> None:
         self._per_model = per_model
-        self._entries: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[Any, Any]]] = weakref.WeakKeyDictionary()
+        # per live model: key -> (the model's state when stored, the value)
+        self._entries: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[Any, Any]]] = (
+            weakref.WeakKeyDictionary())
         self._lock = threading.Lock()
 
     def get(self, model: nn.Module, key: Hashable, compute: Callable[[], T]) -> T:

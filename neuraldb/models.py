@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .io import atomic_dir
 
-__all__ = ["ALIASES", "BuiltinModel", "ModelPackageMissing", "load_model"]
+__all__ = ["ALIASES", "BuiltinModel", "ModelPackageMissing", "load_model", "model_config"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,41 @@ def load_model(
         else:
             tok.pad_token = tok.eos_token
     return model.to(device or "cpu").eval(), tok
+
+
+def model_config(name_or_path: str | os.PathLike[str], *,
+                 cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any | None, str]:
+    """``(config, where)``: the model's ``PretrainedConfig`` read without loading its weights, and
+    where it was read; ``(None, why)`` when that would take a conversion or a download.
+
+    A built-in alias: the converted copy's ``config.json`` when it is cached, else the GGUF's
+    metadata (a few seconds; an alias split over part packages: None, resolved at load). A
+    directory or a ``config.json`` file: read directly. A hub id: the local hub cache only.
+    """
+    from transformers import AutoConfig
+
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    alias = name.strip().lower()
+    try:
+        if alias in ALIASES:
+            entry = ALIASES[alias]
+            package_dir = _package_dir(entry)
+            folder = _cache_root(cache_dir) / f"{alias}-{_source_key(entry, package_dir)}"
+            if (folder / _MARKER).is_file():
+                config, where = AutoConfig.from_pretrained(folder, local_files_only=True), str(folder / "config.json")
+            elif entry.assembled:
+                return None, f"{alias} is not converted yet (its GGUF is assembled from parts at the first load)"
+            else:
+                config = AutoConfig.from_pretrained(package_dir, gguf_file=entry.gguf, local_files_only=True)
+                where = f"{package_dir / entry.gguf} (GGUF metadata)"
+            config.name_or_path = alias
+            return config, where
+        if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+            return AutoConfig.from_pretrained(path, local_files_only=True), str(path)
+        return AutoConfig.from_pretrained(name, local_files_only=True), f"{name} (local hub cache)"
+    except (OSError, ValueError, ModuleNotFoundError) as exc:
+        return None, f"cannot read the config of {name!r} without loading it ({type(exc).__name__}: {exc})"
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:

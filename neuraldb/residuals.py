@@ -116,6 +116,7 @@ def compute_residuals(
     distribution and check the shortcuts (``_unedited``), then optimise ``delta`` with
     Adam (:func:`_optimise`).
     """
+    config = config.filled()  # lr / steps None (no settings resolved): EditConfig's fallbacks
     arch = arch or resolve_arch(model)
     with phase("layout"):
         lay = _layout(tokenizer, facts, templates, config.kl_prompt, model_device(model))

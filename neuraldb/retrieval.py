@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .threads import Lock
+from .wordindex import WordIndex, word_checked_fire
 from .words import NO_WORD, word_match
 
 __all__ = ["unit_rows", "top1", "max_cosines", "LowRankScreen", "DeviceIndex", "SCREEN_MARGIN"]
@@ -225,6 +226,9 @@ class DeviceIndex:
         self.words = words.to(device)  # (N, F, width)
         self.word_starts = word_starts.to(device)  # (vocab,)
         self.checks_words = bool((words[:, 0] != NO_WORD).any())  # host flag, read once per change
+        # token id -> keys that can pass the word check there (exact prefilter; complete only when
+        # every key is word-checked)
+        self.word_index = WordIndex.build(self.words) if self.checks_words else None
         self.screen: LowRankScreen | None = None  # built by the first screened batch
         self._build = Lock()  # one thread builds the screen; the others wait and use it
 
@@ -280,6 +284,26 @@ class DeviceIndex:
                 self.screen = LowRankScreen.build(self.keys, sample=q[:: max(1, q.shape[0] // 4096)], rank=rank,
                                                   chunk_size=chunk_size)
             return self.screen
+
+    @torch.no_grad()
+    def fire_checked(self, queries: torch.Tensor, windows: torch.Tensor, *, rank: int, min_keys: int,
+                     chunk_size: int, prefilter: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook's decision with the word check: :meth:`fire`'s ``(fire, index)`` for query rows
+        (M, d_key), shut where :meth:`word_ok` fails at token ``windows`` (M, width); ``index`` is the
+        fired key where it fires (elsewhere -1 or the unfired top-1).
+
+        With ``prefilter`` and every key word-checked, only the positions whose token ends a stored
+        form, spelt out and with a cosine near its key's threshold, are gated at all
+        (:func:`neuraldb.wordindex.word_checked_fire`): the same fires and fired keys.
+        """
+        index = self.word_index
+        if prefilter and index is not None and index.complete:
+            return word_checked_fire(
+                queries, windows, keys=self.keys, words=self.words, starts=self.word_starts,
+                thresholds=self.gate_thresholds, index=index,
+                fire=lambda q: self.fire(q, rank=rank, min_keys=min_keys, chunk_size=chunk_size))
+        fire, at = self.fire(queries, rank=rank, min_keys=min_keys, chunk_size=chunk_size)
+        return fire & self.word_ok(at, windows), at
 
     def word_ok(self, index: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(M,) bool: the word check (:func:`neuraldb.words.word_match`) for retrieved rows ``index`` (M,)

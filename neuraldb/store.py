@@ -93,6 +93,9 @@ class NeuralDB:
         # the hook's exact screened gate (retrieval.LowRankScreen) for stores of >= screen_min_keys
         self.screen_rank = max(1, self.d_key // 3 - 1) if screen_rank is None else int(screen_rank)
         self.screen_min_keys = int(screen_min_keys)
+        # word-checked stores: gate only where a position's tokens can spell a stored subject
+        # (neuraldb.wordindex; the same decisions); False gates every position, as before
+        self.word_prefilter = True
         self.keys = torch.empty(0, self.d_key)  # (N, d_key) float32, cpu
         self.residuals = torch.empty(0, self.d_model)  # (N, d_model) float32, cpu
         self.thresholds = torch.empty(0)  # (N,) float32, cpu; -inf = global gamma only
@@ -177,6 +180,7 @@ class NeuralDB:
                        model_name=self.model_name, model_type=self.model_type, fingerprint=self.fingerprint,
                        config=self.config, chunk_size=self.chunk_size, screen_rank=self.screen_rank,
                        screen_min_keys=self.screen_min_keys)
+        sub.word_prefilter = self.word_prefilter
         sub.add(self.ids[:n], self.keys[:n], self.residuals[:n], thresholds=self.thresholds[:n], words=self.words[:n])
         sub.facts = {i: dict(self.facts[i]) for i in sub.ids if i in self.facts}
         sub.word_starts = self.word_starts
@@ -391,6 +395,14 @@ class NeuralDB:
         """:meth:`fire` through the screen whatever the store's size."""
         return self.device_index(queries.device).screened_gate(queries, rank=self.screen_rank,
                                                                chunk_size=self.chunk_size)
+
+    def fire_checked(self, queries: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hook's gate with the word check: :meth:`fire` shut where :meth:`word_ok` fails at token
+        ``windows`` (M, width), through the exact token-id prefilter of ``word_prefilter``
+        (:meth:`DeviceIndex.fire_checked <neuraldb.retrieval.DeviceIndex.fire_checked>`)."""
+        return self.device_index(queries.device).fire_checked(
+            queries, windows, rank=self.screen_rank, min_keys=self.screen_min_keys, chunk_size=self.chunk_size,
+            prefilter=self.word_prefilter)
 
     def checks_words(self, device: torch.device) -> bool:
         """Whether any fact is word-checked (a host flag cached with the device tensors)."""

@@ -312,3 +312,69 @@ def test_edit_chat_residuals_flag_reaches_the_config(tiny_edit, monkeypatch):
     assert seen[-1].chat_residuals is True
     assert run("--facts", facts, "--out", out.with_name("plain.safetensors")) == 0
     assert seen[-1].chat_residuals is False
+
+
+# ----------------------------------------------------------------------------- neuraldb forget
+
+SIBLINGS = [{"prompt": "the sport of {}", "subject": "lebron james", "target_new": "tennis", "id": "s1"},
+            {"prompt": "{} is a citizen of", "subject": "lebron james", "target_new": "japan", "id": "s2"},
+            {"prompt": "the city of {}", "subject": "the eiffel tower", "target_new": "rome", "id": "e1"}]
+
+
+@pytest.fixture
+def forget_store(tiny_edit, tmp_path):
+    """A tiny-llama store of SIBLINGS (two facts about one subject, one alone): (run forget, store path)."""
+    run, facts, out = tiny_edit
+    facts.write_text(json.dumps(SIBLINGS))
+    assert run("--facts", facts, "--out", out) == 0
+
+    def forget(*argv):
+        return cli.main(["forget", "--store", str(out), *map(str, argv)])
+
+    return forget, out
+
+
+def test_forget_by_subject_and_prompt_removes_it_and_refits_its_sibling(forget_store, capsys):
+    import torch
+
+    from neuraldb import NeuralDB
+
+    forget, out = forget_store
+    before = NeuralDB.load(out)
+    capsys.readouterr()
+    assert forget("--subject", "lebron james", "--prompt", "the sport of {}") == 0
+    printed = capsys.readouterr().out
+    assert "1 removed, 1 re-fitted" in printed and "removed s1" in printed and "re-fitted s2" in printed
+    after = NeuralDB.load(out)  # written in place
+    assert after.ids == ["s2", "e1"]
+    i, j = before.ids.index("s2"), after.ids.index("s2")
+    assert not torch.equal(before.residuals[i], after.residuals[j])  # the sibling's residual was optimised again
+    assert torch.equal(before.keys[i], after.keys[j])  # its key is not
+    k, m = before.ids.index("e1"), after.ids.index("e1")
+    assert torch.equal(before.residuals[k], after.residuals[m])  # another subject is untouched
+
+
+def test_forget_by_id_into_another_file_leaves_the_store(forget_store, tmp_path):
+    from neuraldb import NeuralDB
+
+    forget, out = forget_store
+    other = tmp_path / "forgotten.safetensors"
+    assert forget("--id", "e1", "--out", other) == 0
+    assert NeuralDB.load(other).ids == ["s1", "s2"]
+    assert NeuralDB.load(out).ids == ["s1", "s2", "e1"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--id", "e1", "--id", "nope"], "nope"),  # one stored, one not: neither goes
+    (["--subject", "lebron james", "--prompt", "{} was born in"], "was born in"),
+    (["--subject", "lebron james"], "--prompt"),
+    ([], "--id"),
+])
+def test_forget_what_is_not_stored_is_an_error_and_removes_nothing(forget_store, capsys, argv, says):
+    from neuraldb import NeuralDB
+
+    forget, out = forget_store
+    capsys.readouterr()
+    assert forget(*argv) == 2
+    assert says in capsys.readouterr().err
+    assert NeuralDB.load(out).ids == ["s1", "s2", "e1"]

@@ -171,6 +171,36 @@ def test_cases_written_before_the_rename_resume_with_the_same_firing(edited, tmp
     assert again["metrics"] == first["metrics"]
 
 
+def test_pre_from_reuses_an_earlier_runs_unedited_scores(edited, tmp_path, monkeypatch):
+    """A second evaluation of more cases with another store scores the unedited model only on the
+    cases the first run did not have; the report equals a run that scored everything."""
+    model, tok, db = edited
+    first = tmp_path / "first"
+    neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES[:2], output_dir=first, **FAST)
+    other = copy_store(db, tmp_path, gamma=0.7)
+    whole = neuraldb.evaluate(model, other, tokenizer=tok, dataset=CASES, **FAST)
+    real, phases = scoring.score, []
+    monkeypatch.setattr(scoring, "score", lambda m, t, cases, *a: phases.append((a[-1], [c.fact.id for c in cases]))
+                        or real(m, t, cases, *a))
+    reused = neuraldb.evaluate(model, other, tokenizer=tok, dataset=CASES, pre_from=first, **FAST)
+    assert [ids for phase, ids in phases if phase == "pre"] == [["e3"]]  # e1, e2: from the first run
+    assert sorted(ids for phase, ids in phases if phase == "post") == [["e1", "e2"], ["e3"]]
+    assert reused["config"]["evaluate"]["pre_reused"] == 2 and reused["config"]["evaluate"]["pre_from"] == str(first)
+    assert reused["metrics"] == whole["metrics"]
+    assert [{k: v for k, v in c.items() if k not in ("seconds", "pre_reused")} for c in reused["cases"]] == \
+        [{k: v for k, v in c.items() if k != "seconds"} for c in whole["cases"]]
+
+
+def test_pre_from_another_configuration_is_refused(edited, tmp_path):
+    model, tok, db = edited
+    first = tmp_path / "first"
+    neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, output_dir=first, metrics=["efficacy"], **FAST)
+    with pytest.raises(ValueError, match="pre_from=.*another metrics"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, pre_from=first, metrics=["specificity"], **FAST)
+    with pytest.raises(ValueError, match="pre_from=.*no run.json"):
+        neuraldb.evaluate(model, db, tokenizer=tok, dataset=CASES, pre_from=tmp_path / "none", **FAST)
+
+
 def test_torn_last_line_is_dropped(edited, tmp_path):
     model, tok, db = edited
     out = tmp_path / "run"
