@@ -216,8 +216,11 @@ def render_sweep_markdown(linear: Mapping[str, Any]) -> list[str]:
     """The study report's section on the linear reader's settings (lines)."""
     source = linear.get("c0_source") or "the last LAMBADA passages of the data dir"
     if not linear.get("sweep"):
-        return [f"Linear reader: fixed lam {linear['lams'][0]:g}, C0 from {linear['c0_passages'][0]} passages of "
-                f"{source} (at most {linear['c0_max_tokens']} tokens each); nothing swept.", ""]
+        n = linear["c0_passages"][0]
+        text = f"the first {n} passages of {linear['c0_source']}" if linear.get("c0_source") else \
+            f"the last {n} LAMBADA passages of the data dir"
+        return [f"Linear reader: fixed lam {linear['lams'][0]:g}, C0 from {text} (at most "
+                f"{linear['c0_max_tokens']} tokens each); nothing swept.", ""]
     chosen = {int(k): v for k, v in linear["chosen"].items()}
     lines = [
         f"## Linear reader: lam and C0 chosen on {len(linear['heldout_ids'])} held-out facts",

@@ -49,6 +49,7 @@ def test_study_runs_both_readers_on_prefixes_and_resumes(tiny_llama, data_dir, t
         assert r["efficacy"]["pre"] == rows[(2, "gated")]["efficacy"]["pre"]  # same unedited model
     assert (out / "study.png").stat().st_size > 0 and "| 3 | linear (lam 0.0001, C0 2) |" in (out / "study.md").read_text()
     assert not (out / "heldout.safetensors").exists()  # one lam, one C0: nothing to choose, nothing held out
+    assert "fixed lam 0.0001, C0 from the last 2 LAMBADA passages" in (out / "study.md").read_text()
     assert json.loads((out / "study.json").read_text())["facts"] == 3
     # rerun: the store is resumed from its checkpoint, nothing is edited again
     import neuraldb.editor as editor
