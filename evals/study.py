@@ -18,7 +18,10 @@ size and reader the first ``eval_cases`` edited cases are evaluated with
 ``neuraldb.evaluate`` (ES / PS / NS, and the general tasks with a small limit),
 pre and post, with every fact of that size in the store. The linear reader writes
 the same keys and residuals into the layer's weight in closed form (MEMIT,
-docs/method.md, 'Linear reader') with ``C0`` estimated on LAMBADA passages. The calibrated reader is
+docs/method.md, 'Linear reader') with ``C0`` estimated on generic text (the last LAMBADA passages
+by default); ``lam`` and the number of ``C0`` passages are chosen per size on held-out facts, never
+on the reported ones (:mod:`evals.linear_sweep`, ``--linear-lams``, ``--linear-c0-passages``;
+the held-out store is checkpointed in ``output_dir/heldout.safetensors``). The calibrated reader is
 the gated store with per-key thresholds (``NeuralDB.calibrate``, margin 0.05) fitted
 on the last ``calib_texts`` LAMBADA passages, which the general tasks never sample. Results:
 ``study.json``, ``study.md`` and ``study.png`` in ``output_dir``; each (size, reader)
@@ -35,7 +38,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from neuraldb.io import atomic_write, default_data_dir, write_text
+from neuraldb.io import atomic_write, write_text
+
+from .linear_sweep import (DEFAULT_LAMS, LinearSweep, choose, generic_texts, heldout_cases, parse_counts, parse_lams,
+                           render_sweep_markdown, sweep_linear)
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +51,6 @@ _KEYS = ("efficacy", "generalization", "specificity")
 # gated: the paper's gate (global gamma); calibrated: plus per-key thresholds fitted on held-out
 # generic text (the last LAMBADA passages, never the general-task sample); linear: MEMIT's closed form
 READERS = ("gated", "calibrated", "linear")
-
-
-def _generic_texts(data_dir: str | os.PathLike | None, n: int) -> list[str]:
-    root = Path(default_data_dir(data_dir) or "")
-    path = root / "lambada_openai" / "lambada_test.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"the linear and calibrated readers need generic text: {path} not found; "
-                                "set NEURALDB_DATA_DIR or --data-dir")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(x)["text"] for x in lines[-n:]]  # the last passages: disjoint from the general-task sample
 
 
 def run_study(
@@ -69,40 +65,57 @@ def run_study(
     output_dir: str | os.PathLike = "reports/study",
     data_dir: str | os.PathLike | None = None,
     config: Any = None,
-    lam: float = 15000.0,
-    c0_texts: int = 200,
+    linear: LinearSweep | None = None,
     calib_texts: int = 1000,
     calib_margin: float = 0.05,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Edit ``max(sizes)`` CounterFact facts once, evaluate both readers at every size."""
+    """Edit ``max(sizes)`` CounterFact facts once, evaluate every reader at every size.
+
+    ``linear``: the linear reader's candidates (default ``LinearSweep()``: six ``lam`` from 1 to
+    1e5, ``C0`` from 200 passages, chosen per size on 50 held-out facts).
+    """
     import neuraldb
 
     unknown = sorted(set(readers) - set(READERS))
     if unknown:  # before any work: the edit can take an hour
         raise ValueError(f"readers {unknown} unknown: use some of {list(READERS)}")
+    linear = linear or LinearSweep()
+    sweeping = "linear" in readers and linear.sweeps
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in sizes)
     config = config or neuraldb.EditConfig()
-    cases, skipped = _editable_cases(tokenizer, config, sizes[-1], data_dir)
-    db, edit_s, resumed = _edit_once(model, tokenizer, cases, config, out, progress)
-    c0, calib = _generic_statistics(model, tokenizer, db, readers, data_dir, c0_texts, calib_texts)
+    available, skipped = _editable_pool(tokenizer, config, sizes[-1], data_dir)
+    cases = available[: sizes[-1]]
+    held = heldout_cases(available[sizes[-1]:], cases, linear.heldout) if sweeping else []  # before the edit
+    generic = _generic_texts(readers, linear, calib_texts, data_dir, general_tasks, general_limit)
+    db, edit_s, resumed = _edit_once(model, tokenizer, cases, config, out / "store.safetensors", progress)
+    c0s, calib = _generic_statistics(model, tokenizer, db, readers, generic, linear, calib_texts)
+    settings = _linear_settings(model, tokenizer, db, held, c0s, sizes, linear, config, out, batch_size, progress) \
+        if "linear" in readers else {}
     rows = []
     for n in sizes:
         for reader_name in readers:
-            reader = _reader(db.head(n), reader_name, c0=c0, lam=lam, calib=calib, calib_margin=calib_margin)
+            lam, passages = settings.get(n, (None, None))
+            reader = _reader(db.head(n), reader_name, c0=c0s.get(passages), lam=lam, calib=calib,
+                             calib_margin=calib_margin)
+            folder = f"{reader_name}-{n}" + (f"-lam{lam:g}-c0-{passages}" if reader_name == "linear" else "")
             report = neuraldb.evaluate(
                 model, reader, tokenizer=tokenizer, dataset=list(cases[: min(n, eval_cases)]),
-                metrics=list(_KEYS), batch_size=batch_size, output_dir=out / f"{reader_name}-{n}",
+                metrics=list(_KEYS), batch_size=batch_size, output_dir=out / folder,
                 general_tasks=general_tasks, general_limit=general_limit, data_dir=data_dir, progress=progress,
             )
             rows.append(_row(report, n, reader_name, eval_cases))
+            if reader_name == "linear":
+                rows[-1].update(lam=lam, c0_passages=passages)
             log.info("size %d %s: %s", n, reader_name, {k: rows[-1][k]["post"] for k in _KEYS})
-    result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "lam": lam, "sizes": sizes,
+    result = {"model": db.model_name, "layer": db.layer, "gamma": db.gamma, "sizes": sizes,
               "edit_seconds": edit_s, "facts": len(db), "edited_this_call": len(db) - resumed,
               "left_out": skipped, "rows": rows}
+    if "linear" in readers:
+        result["linear"] = _linear_report(linear, held, out)
     write_text(out / "study.json", json.dumps(result, indent=2))
     _plot(result, out / "study.png")
     write_text(out / "study.md", render_markdown(result))
@@ -111,6 +124,12 @@ def run_study(
 
 def _editable_cases(tokenizer: Any, config: Any, n: int, data_dir: str | os.PathLike | None) -> tuple[list, list]:
     """The first ``n`` CounterFact cases that can be keyed, and notes on those left out."""
+    cases, skipped = _editable_pool(tokenizer, config, n, data_dir)
+    return cases[:n], skipped
+
+
+def _editable_pool(tokenizer: Any, config: Any, n: int, data_dir: str | os.PathLike | None) -> tuple[list, list]:
+    """Every CounterFact case that can be keyed (at least ``n``: else a ValueError), and notes on those left out."""
     from .datasets import editable_cases, load_counterfact
 
     cases, skipped = editable_cases(load_counterfact(data_dir=data_dir), tokenizer, config)
@@ -118,14 +137,13 @@ def _editable_cases(tokenizer: Any, config: Any, n: int, data_dir: str | os.Path
         log.info("left out (cannot be keyed): %s", note)
     if len(cases) < n:
         raise ValueError(f"only {len(cases)} editable CounterFact cases available for size {n}")
-    return cases[:n], skipped
+    return list(cases), skipped
 
 
-def _edit_once(model: Any, tokenizer: Any, cases: list, config: Any, out: Path, progress: bool) -> tuple[Any, float, int]:
-    """Edit every case once, resuming from ``out/store.safetensors``: the store, seconds, facts resumed."""
+def _edit_once(model: Any, tokenizer: Any, cases: list, config: Any, ckpt: Path, progress: bool) -> tuple[Any, float, int]:
+    """Edit every case once, resuming from the checkpoint ``ckpt``: the store, seconds, facts resumed."""
     import neuraldb
 
-    ckpt = out / "store.safetensors"
     done = neuraldb.NeuralDB.load(ckpt, model=model) if ckpt.is_file() else None  # loaded once, resumed by edit
     resumed = len(done) if done is not None else 0
     t0 = time.perf_counter()
@@ -134,18 +152,93 @@ def _edit_once(model: Any, tokenizer: Any, cases: list, config: Any, out: Path, 
     return db, time.perf_counter() - t0, resumed
 
 
-def _generic_statistics(model: Any, tokenizer: Any, db: Any, readers: Sequence[str],
-                        data_dir: str | os.PathLike | None, c0_texts: int, calib_texts: int) -> tuple[Any, Any]:
-    """From the last LAMBADA passages: C0 for the linear reader, calibration queries for the calibrated one."""
-    from neuraldb.keys import calibration_queries
-    from neuraldb.linear import estimate_c0
+def _generic_texts(readers: Sequence[str], linear: LinearSweep, calib_texts: int,
+                   data_dir: str | os.PathLike | None, general_tasks: Any, general_limit: int | None) -> dict[str, list]:
+    """Generic text for C0 (linear reader) and calibration queries (calibrated reader), read before the edit.
 
-    generic = _generic_texts(data_dir, max(c0_texts, calib_texts)) if {"linear", "calibrated"} & set(readers) else []
-    c0 = estimate_c0(model, tokenizer, generic[-c0_texts:], layer=db.layer,
-                     module_template=db.module_template) if "linear" in readers else None
-    calib = calibration_queries(model, tokenizer, generic[-calib_texts:], layer=db.layer) \
+    LAMBADA passages are taken from the end of the file; C0 may not reach the general tasks' sample
+    (its first ``general_limit`` passages) when lambada_openai is one of them.
+    """
+    out: dict[str, list] = {}
+    if "linear" in readers:
+        n = max(linear.c0_passages)
+        if linear.c0_source is None and _samples_lambada(general_tasks):
+            free = _LAMBADA_PASSAGES - (general_limit if general_limit is not None else _LAMBADA_PASSAGES)
+            if n > free:
+                raise ValueError(f"--linear-c0-passages {n}: C0 would include the lambada_openai passages the general "
+                                 f"tasks evaluate (the first {general_limit}); use at most {free} or --linear-c0-text")
+        out["c0"] = generic_texts(n, source=linear.c0_source, data_dir=data_dir)
+    if "calibrated" in readers:
+        out["calib"] = generic_texts(calib_texts, data_dir=data_dir, at_most=True)
+    return out
+
+
+_LAMBADA_PASSAGES = 5153  # lambada_openai's test split
+
+
+def _samples_lambada(general_tasks: Any) -> bool:
+    if not general_tasks:
+        return False
+    names = general_tasks.split(",") if isinstance(general_tasks, str) else list(general_tasks)
+    return "all" in names or "lambada_openai" in names
+
+
+def _generic_statistics(model: Any, tokenizer: Any, db: Any, readers: Sequence[str], generic: dict[str, list],
+                        linear: LinearSweep, calib_texts: int) -> tuple[dict[int, Any], Any]:
+    """``{passages: C0}`` for the linear reader, calibration queries for the calibrated one."""
+    from neuraldb.keys import calibration_queries
+    from neuraldb.linear import estimate_c0s
+
+    c0s = estimate_c0s(model, tokenizer, generic["c0"], sizes=linear.c0_passages, layer=db.layer,
+                       module_template=db.module_template, max_length=linear.c0_max_tokens) \
+        if "linear" in readers else {}
+    calib = calibration_queries(model, tokenizer, generic["calib"], layer=db.layer) \
         if "calibrated" in readers else None
-    return c0, calib
+    return c0s, calib
+
+
+def _linear_settings(model: Any, tokenizer: Any, db: Any, held: list, c0s: dict[int, Any], sizes: Sequence[int],
+                     linear: LinearSweep, config: Any, out: Path, batch_size: int,
+                     progress: bool) -> dict[int, tuple[float, int]]:
+    """``{size: (lam, C0 passages)}``: the only candidate, or the best on the held-out facts (swept here)."""
+    if not linear.sweeps:
+        return {n: (linear.lams[0], linear.c0_passages[0]) for n in sizes}
+    held_db, _, _ = _edit_once(model, tokenizer, held, config, out / "heldout.safetensors", progress)
+    path = out / "linear_sweep.json"
+    identity = {"heldout_ids": held_db.ids, "study_ids": db.ids[: max(sizes)], "c0_source": linear.c0_source,
+                "c0_max_tokens": linear.c0_max_tokens}
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    done = cached.get("rows", {}) if cached.get("identity") == identity else {}
+
+    def save(row: dict[str, Any]) -> None:  # after every row: an interrupted sweep resumes
+        done[_sweep_key(row)] = row
+        write_text(path, json.dumps({"identity": identity, "rows": done}, indent=1))
+        log.info("linear sweep: %s", row)
+
+    rows = sweep_linear(model, tokenizer, study_db=db, heldout_db=held_db, heldout=held, sizes=sizes, c0s=c0s,
+                        lams=linear.lams, batch_size=batch_size, done=done, on_row=save)
+    chosen = choose(rows)
+    write_text(path, json.dumps({"identity": identity, "rows": done, "sweep": rows,
+                                 "chosen": {str(n): r for n, r in chosen.items()}}, indent=1))
+    return {n: (r["lam"], r["c0_passages"]) for n, r in chosen.items()}
+
+
+def _sweep_key(row: dict[str, Any]) -> str:
+    from .linear_sweep import _key
+
+    return _key(row["size"], row["c0_passages"], row["lam"])
+
+
+def _linear_report(linear: LinearSweep, held: list, out: Path) -> dict[str, Any]:
+    """The linear reader's settings, candidates and (when swept) the sweep, for study.json."""
+    report: dict[str, Any] = {"lams": list(linear.lams), "c0_passages": list(linear.c0_passages),
+                              "c0_max_tokens": linear.c0_max_tokens, "c0_source": linear.c0_source,
+                              "heldout_ids": [c.fact.id for c in held]}
+    path = out / "linear_sweep.json"
+    if linear.sweeps and path.is_file():
+        saved = json.loads(path.read_text())
+        report.update(sweep=saved["sweep"], chosen=saved["chosen"])
+    return report
 
 
 def _reader(sub: Any, reader_name: str, *, c0: Any, lam: float, calib: Any, calib_margin: float) -> Any:
@@ -153,7 +246,7 @@ def _reader(sub: Any, reader_name: str, *, c0: Any, lam: float, calib: Any, cali
     from neuraldb.linear import LinearReader
 
     if reader_name == "linear":
-        return LinearReader(sub, c0=c0, lam=lam)
+        return LinearReader(sub, c0=c0, lam=lam)  # c0 None: the lam * I variant
     if reader_name == "calibrated":  # per-key thresholds from held-out generic text
         sub.calibrate(calib, margin=calib_margin)
     return sub
@@ -193,8 +286,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         cells = " | ".join(f"{r[k]['post']:.1f} ({r[k]['pre']:.1f})" for k in _KEYS)
         rates = [v["fire_rate"] for v in (r.get("general") or {}).values() if v.get("fire_rate") is not None]
         fires = f"{100 * max(rates):.2f}%" if rates and r["reader"] != "linear" else "-"
-        lines.append(f"| {r['size']} | {r['reader']} | {r['eval_cases']} | {cells} | {general or '-'} | {fires} |")
+        reader = r["reader"] + (f" (lam {r['lam']:g}, C0 {r['c0_passages']})" if r.get("lam") is not None else "")
+        lines.append(f"| {r['size']} | {reader} | {r['eval_cases']} | {cells} | {general or '-'} | {fires} |")
     lines += ["", "![scaling](study.png)", ""]
+    if result.get("linear"):
+        lines += render_sweep_markdown(result["linear"])
     return "\n".join(lines)
 
 
@@ -240,7 +336,19 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="default reports/study (reports/sequential with --sequential)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--layer", type=int, default=None)
-    p.add_argument("--lam", type=float, default=15000.0)
+    p.add_argument("--linear-lams", "--lam", type=_cli_type(parse_lams), default=DEFAULT_LAMS, metavar="LAMS",
+                   help="the linear reader's C0 weights, a comma list, chosen per size on held-out facts (default "
+                        "1,10,100,1000,15000,100000; one value = fixed, nothing held out; MEMIT uses 15000 for "
+                        "GPT-J and Llama-3-8B, 20000 for GPT-2 XL)")
+    p.add_argument("--linear-c0-passages", type=_cli_type(parse_counts), default=(200,), metavar="N[,N...]",
+                   help="generic passages C0 is estimated on, a comma list swept with --linear-lams (default 200; "
+                        "MEMIT: 100,000 Wikipedia samples)")
+    p.add_argument("--linear-c0-max-tokens", type=int, default=128, help="tokens kept per C0 passage (default 128)")
+    p.add_argument("--linear-c0-text", default=None, metavar="PATH",
+                   help="generic text for C0: .jsonl with a 'text' per line, or one passage per line (its first "
+                        "passages); default: the last LAMBADA passages of the data dir")
+    p.add_argument("--linear-heldout", type=int, default=50,
+                   help="held-out CounterFact facts (after the study's, other subjects) lam and C0 are chosen on")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
@@ -250,6 +358,17 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                         "one store, every earlier fact re-evaluated after each round, vs all at once; "
                         "evals.sequential); uses --model, --output-dir, --data-dir, --layer, --batch-size, "
                         "--device, --dtype, --residual-dtype")
+
+
+def _cli_type(parse: Any) -> Any:
+    """An argparse type from a parser that raises ValueError: argparse then names the option (exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _sequential_plan(text: str) -> Any:
@@ -267,16 +386,24 @@ def run_study_cli(args: argparse.Namespace) -> int:
 
     if args.sequential is not None:
         return _run_sequential_cli(args)
+    linear = _linear_sweep(args)  # before the model loads
     model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
     result = run_study(
         model, tok, sizes=[int(s) for s in args.sizes.split(",")], readers=args.readers.split(","),
         eval_cases=args.eval_cases, general_tasks=args.general_tasks, general_limit=args.general_limit,
         output_dir=args.output_dir or "reports/study", data_dir=args.data_dir,
         config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
-        lam=args.lam, batch_size=args.batch_size,
+        linear=linear, batch_size=args.batch_size,
     )
     print(render_markdown(result))
     return 0
+
+
+def _linear_sweep(args: argparse.Namespace) -> LinearSweep:
+    """The linear reader's settings from the CLI; a ValueError naming the option (``neuraldb.cli``: exit 2)."""
+    return LinearSweep(lams=args.linear_lams, c0_passages=args.linear_c0_passages,
+                       c0_max_tokens=args.linear_c0_max_tokens, c0_source=args.linear_c0_text,
+                       heldout=args.linear_heldout)
 
 
 def _run_sequential_cli(args: argparse.Namespace) -> int:
@@ -289,7 +416,8 @@ def _run_sequential_cli(args: argparse.Namespace) -> int:
 
     defaults = _defaults()
     unused = [f"--{name.replace('_', '-')}" for name in ("sizes", "readers", "eval_cases", "general_tasks",
-                                                         "general_limit", "lam")
+                                                         "general_limit", "linear_lams", "linear_c0_passages",
+                                                         "linear_c0_max_tokens", "linear_c0_text", "linear_heldout")
               if getattr(args, name) != defaults[name]]
     if unused:
         print(f"note: --sequential does not use {', '.join(unused)}", file=sys.stderr)

@@ -15,6 +15,12 @@ reader with the gated one on the same facts is the paper's central experiment.
 ``LinearReader`` offers the store's reading interface (``attached``, ``stats``...)
 so the evaluation code can run either reader. Detaching restores the weight bit
 for bit.
+
+``lam`` defaults to 15000 with a ``C0`` (MEMIT's ``mom2_update_weight`` for GPT-J and,
+in AlphaEdit's settings, Llama-3-8B; 20000 for GPT-2 XL; MEMIT estimates ``C0`` on
+100,000 Wikipedia samples and spreads each residual over 5-6 layers). Those values
+are tuned for MEMIT's multi-layer edit, not for one layer of another model: choose
+``lam`` on held-out facts (``neuraldb study --linear-lams``, :mod:`evals.linear_sweep`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .hook import attached, attached_reader, mark_attached
 from .nethook import get_module, layer_input
 from .store import NeuralDB, StoreError
 
-__all__ = ["LinearReader", "estimate_c0", "linear_delta"]
+__all__ = ["LinearReader", "estimate_c0", "estimate_c0s", "linear_delta", "written_share"]
 
 
 @torch.no_grad()
@@ -37,21 +43,55 @@ def estimate_c0(
     model: nn.Module, tokenizer: Any, texts: Sequence[str], *, layer: int, module_template: str | None = None,
     max_length: int = 128, batch_size: int = 8,
 ) -> torch.Tensor:
-    """``E[k k^T]`` (d_key, d_key) float64 over every real token of ``texts``."""
+    """``E[k k^T]`` (d_key, d_key) float64 over every real token of ``texts`` (each cut at ``max_length`` tokens)."""
+    if not texts:
+        raise ValueError("estimate_c0 needs at least one text")
+    return estimate_c0s(model, tokenizer, texts, sizes=[len(texts)], layer=layer, module_template=module_template,
+                        max_length=max_length, batch_size=batch_size)[len(texts)]
+
+
+@torch.no_grad()
+def estimate_c0s(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, sizes: Sequence[int], layer: int,
+    module_template: str | None = None, max_length: int = 128, batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
+    """``{n: E[k k^T] over texts[:n]}`` for every ``n`` in ``sizes``, in one pass over ``texts[:max(sizes)]``.
+
+    Example::
+
+        c0s = estimate_c0s(model, tok, passages, sizes=[200, 1000], layer=db.layer)   # C0 size sweep
+
+    MEMIT estimates the same moment on 100,000 Wikipedia samples (``mom2_n_samples``);
+    a few hundred passages of generic text give a usable estimate for small models.
+    """
     from .arch import resolve_arch
 
+    wanted = sorted({int(n) for n in sizes})
+    if not wanted or wanted[0] < 1 or wanted[-1] > len(texts):
+        raise ValueError(f"estimate_c0s: sizes {list(sizes)} must lie in 1..{len(texts)} (the number of texts)")
     name = (module_template or resolve_arch(model).mlp_out).format(layer)
     device = model_device(model)
-    total, count = None, 0
-    for start in range(0, len(texts), batch_size):
-        seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[start : start + batch_size]]
+    out: dict[int, torch.Tensor] = {}
+    total, count, done = None, 0, 0
+    while done < wanted[-1]:
+        stop = min(done + batch_size, next(n for n in wanted if n > done))  # never straddle a requested size
+        seqs = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[done:stop]]
         ids, mask = pad_batch(seqs, pad_id(tokenizer), device)
         k = layer_input(model, name, input_ids=ids, attention_mask=mask)[mask.bool()].double()  # (tokens, d_key)
         total = k.T @ k if total is None else total + k.T @ k
         count += k.shape[0]
-    if total is None:
-        raise ValueError("estimate_c0 needs at least one text")
-    return (total / count).cpu()
+        done = stop
+        if done in wanted:
+            out[done] = (total / count).cpu()
+    return out
+
+
+def written_share(keys: torch.Tensor, residuals: torch.Tensor, delta: torch.Tensor) -> float:
+    """Mean over facts of ``<delta k_i, r_i> / ||r_i||^2``: the share of each residual the weight edit
+    writes at its own stored key (1 = every fact stored exactly; ``lam`` and ``C0`` pull it down)."""
+    r = residuals.double()  # (N, d_model)
+    written = keys.double() @ delta.double().T  # (N, d_model): delta k_i for every fact
+    return float(((written * r).sum(1) / r.pow(2).sum(1).clamp_min(1e-30)).mean()) if len(r) else float("nan")
 
 
 def linear_delta(keys: torch.Tensor, residuals: torch.Tensor, *, c0: torch.Tensor | None, lam: float) -> torch.Tensor:
@@ -97,6 +137,13 @@ class LinearReader:
         """The model whose weight this reader changed (None when detached)."""
         return self._model
 
+    def delta(self) -> torch.Tensor:
+        """The weight change (d_model, d_key) float64 for the store as it is now (cached until it changes)."""
+        version = self.db._version  # the store's change counter
+        if self._delta is None or self._delta[0] != version:  # the harness attaches around every model call
+            self._delta = (version, linear_delta(self.db.keys, self.db.residuals, c0=self.c0, lam=self.lam))
+        return self._delta[1]
+
     def attach(self, model: nn.Module, *, layer: int | None = None, check: bool = True) -> "LinearReader":
         if self._saved is not None:
             raise StoreError("this linear reader is already attached; call detach() first")
@@ -106,10 +153,7 @@ class LinearReader:
         if check:
             self.db.check_compatible(model, layer=layer)
         module = get_module(model, self.db.module_name(model))
-        version = self.db._version  # the store's change counter
-        if self._delta is None or self._delta[0] != version:  # the harness attaches around every model call
-            self._delta = (version, linear_delta(self.db.keys, self.db.residuals, c0=self.c0, lam=self.lam))
-        delta = self._delta[1]  # (d_model, d_key)
+        delta = self.delta()  # (d_model, d_key)
         if type(module).__name__ == "Conv1D":  # GPT-2 stores the weight as (in, out)
             delta = delta.T
         original = module.weight.detach().clone()

@@ -59,3 +59,27 @@ def test_linear_reader_follows_changes_of_its_store(tiny_llama):
     db.update(db.ids[0], residual=db.residuals[0] * 2)  # in place: the residuals tensor stays the same object
     with reader.attached(model):
         assert torch.allclose(reader._delta[1], 2 * first, atol=1e-5)
+
+
+def test_c0_sizes_come_from_prefixes_of_the_text(tiny_llama):
+    """estimate_c0s gives, in one pass, what estimate_c0 gives on each prefix: a different C0 size is a different C0."""
+    from neuraldb.linear import estimate_c0s
+
+    model, tok = tiny_llama
+    texts = ["the city of rome", "a big red dog", "tennis is a sport", "he spoke english"]
+    c0s = estimate_c0s(model, tok, texts, sizes=[3, 1], layer=1, batch_size=2)
+    assert sorted(c0s) == [1, 3]
+    for n in (1, 3):
+        assert torch.allclose(c0s[n], estimate_c0(model, tok, texts[:n], layer=1), atol=1e-12)
+    assert not torch.allclose(c0s[1], c0s[3])
+    with pytest.raises(ValueError, match="1..4"):
+        estimate_c0s(model, tok, texts, sizes=[5], layer=1)
+
+
+def test_written_share_is_one_when_stored_exactly_and_falls_with_lam():
+    from neuraldb.linear import written_share
+
+    g = torch.Generator().manual_seed(1)
+    keys, res = torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)
+    shares = [written_share(keys, res, linear_delta(keys, res, c0=None, lam=lam)) for lam in (1e-8, 1.0, 100.0)]
+    assert abs(shares[0] - 1) < 1e-6 and shares[0] > shares[1] > shares[2] > 0
