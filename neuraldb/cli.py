@@ -251,7 +251,9 @@ def _edit_config(args: argparse.Namespace) -> Any:
 
     return EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
                       chat_residuals=args.chat_residuals,
-                      **({} if args.batch_size is None else {"batch_size": args.batch_size}))
+                      **({} if args.batch_size is None else {"batch_size": args.batch_size}),
+                      **({} if args.memory_budget_gb is None else
+                         {"memory_budget_gb": args.memory_budget_gb or None}))
 
 
 def _run_edit(args: argparse.Namespace) -> int:
@@ -385,6 +387,9 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
                    help="device of the model, e.g. cuda:0 (default: cpu; under torchrun, cuda:LOCAL_RANK when CUDA is "
                         "available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="bound on what one optimisation batch adds to memory, in GB: fewer facts per batch "
+                        "(default: EditConfig's, 3.0; 0 = no bound, batches of --batch-size)")
     p.add_argument("--residual-dtype", default=None,
                    help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
                    "with bfloat16 units); default: the model's own")

@@ -378,3 +378,18 @@ def test_forget_what_is_not_stored_is_an_error_and_removes_nothing(forget_store,
     assert forget(*argv) == 2
     assert says in capsys.readouterr().err
     assert NeuralDB.load(out).ids == ["s1", "s2", "e1"]
+
+
+def test_edit_memory_budget_flag_reaches_the_config(tiny_edit, monkeypatch, capsys):
+    import neuraldb
+
+    run, facts, out = tiny_edit
+    seen, real = [], neuraldb.edit
+    monkeypatch.setattr(neuraldb, "edit", lambda *a, config, **kw: seen.append(config) or real(*a, config=config, **kw))
+    assert run("--facts", facts, "--out", out, "--memory-budget-gb", 1.5) == 0
+    assert seen[-1].memory_budget_gb == 1.5
+    assert run("--facts", facts, "--out", out.with_name("unbounded.safetensors"), "--memory-budget-gb", 0) == 0
+    assert seen[-1].memory_budget_gb is None  # 0 = no bound
+    capsys.readouterr()
+    assert run("--facts", facts, "--out", out.with_name("bad.safetensors"), "--memory-budget-gb", -1) == 2
+    assert "memory_budget_gb" in capsys.readouterr().err
