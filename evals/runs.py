@@ -93,25 +93,7 @@ class RunFolder:
         return self.dir / "cases.jsonl"
 
     def _read_cases(self) -> dict[str, dict[str, Any]]:
-        path = self.cases_path
-        if not path.exists():
-            return {}
-        raw = path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # a torn last line from a kill mid-write: drop it
-            keep = raw.rfind(b"\n") + 1
-            log.warning("%s: dropping a torn last line (%d bytes)", path, len(raw) - keep)
-            with open(path, "r+b") as fh:
-                fh.truncate(keep)
-            raw = raw[:keep]
-        done = {}
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {n} is not valid JSON ({exc}); delete the folder to start over") from None
-                done[rec["fact_id"]] = rec
-        return done
+        return read_cases(self.cases_path, repair=True)
 
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Record finished cases: one write, flushed and fsynced (cases.jsonl grows by whole lines)."""
@@ -124,6 +106,30 @@ class RunFolder:
             fh.write("\n".join(lines) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def read_cases(path: Path, *, repair: bool) -> dict[str, dict[str, Any]]:
+    """fact id -> record of the run folder's ``cases.jsonl`` at ``path`` ({} if absent). A torn last
+    line (a kill mid-write) is dropped; with ``repair`` it is also cut from the file, as a resumed run does."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):  # a torn last line from a kill mid-write: drop it
+        keep = raw.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes)", path, len(raw) - keep)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(keep)
+        raw = raw[:keep]
+    done = {}
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {n} is not valid JSON ({exc}); delete the folder to start over") from None
+            done[rec["fact_id"]] = rec
+    return done
 
 
 def earlier_pre(folder: str | os.PathLike, identity: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -144,7 +150,5 @@ def earlier_pre(folder: str | os.PathLike, identity: Mapping[str, Any]) -> dict[
         if saved.get(key) != identity.get(key):
             raise ValueError(f"pre_from={str(path)!r} was evaluated with another {key} ({saved.get(key)!r}, this run: "
                              f"{identity.get(key)!r}); its unedited scores cannot be reused: drop pre_from")
-    folder_now = RunFolder.__new__(RunFolder)  # read cases.jsonl as a resumed run would, writing nothing
-    folder_now.dir = path
-    return folder_now._read_cases()
+    return read_cases(path / "cases.jsonl", repair=False)  # an earlier run's folder is read, never changed
 
