@@ -53,7 +53,8 @@ def child(args: argparse.Namespace) -> dict:
     loaded = peak_rss_gb()
     facts = [c.fact for c in load_counterfact(data_dir=args.data_dir, limit=args.n)]
     sync = synchronizer(args.device)
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, batch_size=args.batch_size)
+    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, batch_size=args.batch_size,
+                     **({} if args.early_stop is None else {"early_stop": args.early_stop}))
     if args.naive:
         from edit_throughput import naive_residual
         from neuraldb.keys import context_templates
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
+    ap.add_argument("--early-stop", choices=("nll", "loss"), default=None,
+                    help="EditConfig.early_stop: nll (default) or loss (the paper's rule)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
@@ -121,12 +124,14 @@ def main() -> None:
     common = ["--model", args.model, "--device", args.device, "--repeats", str(args.repeats),
               "--batch-size", str(args.batch_size)]
     for flag, value in (("--dtype", args.dtype), ("--random-init", args.random_init), ("--layer", args.layer),
-                        ("--residual-dtype", args.residual_dtype), ("--data-dir", args.data_dir)):
+                        ("--residual-dtype", args.residual_dtype), ("--early-stop", args.early_stop),
+                        ("--data-dir", args.data_dir)):
         if value is not None:
             common += [flag, str(value)]
     sizes = [int(s) for s in args.sizes.split(",")]
     naive = run_child([*common, "--child", str(args.naive_n), "--naive"]) if args.naive_n else None
     print(f"device: {device_name(args.device)}; model {args.model}, residual_dtype {args.residual_dtype}, "
+          f"early_stop {args.early_stop or 'nll (default)'}, "
           f"batch {args.batch_size}, {args.repeats} warm repeats per size (median)")
     if naive:
         print(f"naive loop: median {naive['naive_s_per_fact']:.2f} s/fact over {args.naive_n} facts; "

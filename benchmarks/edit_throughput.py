@@ -6,7 +6,7 @@ Usage::
 
 The naive loop is ROME's ``compute_z`` as written: one fact at a time, the whole model
 forward and backward (weights' gradients included) on every step, 25 Adam steps with
-the same loss, clamp and early stop. Both use the same keys, so the stores differ
+the same loss, clamp and early stop (``EditConfig.early_stop``). Both use the same keys, so the stores differ
 only in their residuals; efficacy (ES) and generalization (PS) of both stores are
 measured with the CounterFact metric. Prints facts/s, the ratio, ES/PS of both; with
 ``--residual-dtypes model,bfloat16`` also the edit with its residual optimisation on a
@@ -64,7 +64,7 @@ def naive_residual(model, tok, fact, *, layer, templates, cfg: EditConfig, arch)
         lp = F.log_softmax(logits[kl_row, seqs[-1].target_pos[0]], -1)
         kl = (p_orig.exp() * (p_orig - lp)).sum()
         loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / h_norm**2
-        if loss.item() < cfg.early_stop_loss:
+        if (nll if cfg.early_stop == "nll" else loss).item() < cfg.early_stop_loss:  # the rule neuraldb.edit uses
             break
         loss.backward()
         opt.step()
@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128, help="facts optimised together (default 128, EditConfig's)")
     ap.add_argument("--memory-budget-gb", type=float, default=EditConfig.memory_budget_gb,
                     help="EditConfig.memory_budget_gb (default EditConfig's; 0 = no bound, batch-size alone)")
+    ap.add_argument("--early-stop", choices=("nll", "loss"), default=None,
+                    help="EditConfig.early_stop: nll (default) or loss (the paper's rule)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--residual-dtypes", default="model",
                     help="comma list of EditConfig.residual_dtype values to time, 'model' = the model's own "
@@ -104,6 +106,7 @@ def main() -> None:
     facts = [c.fact for c in cases]
     # layer / lr / steps as neuraldb.edit resolves them (neuraldb/settings.json), so the naive loop matches
     cfg = resolve_settings(model, config=EditConfig(layer=args.layer, batch_size=args.batch_size,
+                                                    **({} if args.early_stop is None else {"early_stop": args.early_stop}),
                                                     memory_budget_gb=args.memory_budget_gb or None)).config
     arch = neuraldb.resolve_arch(model)
     layer = cfg.layer

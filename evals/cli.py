@@ -58,6 +58,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the residuals (default: the model's row in neuraldb/settings.json, else 0.5)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps of the residuals (default: the model's row, else 25)")
+    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the store's / 0.65)")
     p.add_argument("--word-check", dest="word_check", action="store_true", default=True,
                    help="the gate checks the subject's words (EditConfig(word_check=True); the default)")
@@ -171,7 +172,8 @@ def _load_cases(args: argparse.Namespace, plan: dict[str, Any]) -> Any:
 def _edit_config(args: argparse.Namespace) -> Any:
     import neuraldb
 
-    kw = {} if args.gamma is None else {"gamma": args.gamma}
+    kw = ({} if args.gamma is None else {"gamma": args.gamma}) | (
+        {} if args.early_stop is None else {"early_stop": args.early_stop})
     return neuraldb.EditConfig(layer=args.layer, lr=args.lr, steps=args.steps, batch_size=args.edit_batch_size,
                                word_check=args.word_check, chat_residuals=args.chat_residuals,
                                residual_dtype=args.residual_dtype, **kw)
@@ -253,8 +255,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if metrics and kind in METRICS and set(metrics) - set(known):
         raise ValueError(f"unknown {kind} metric(s) {sorted(set(metrics) - set(known))}; choose from {known}")
     check_general_tasks(args.general_tasks)  # before hours of editing
-    if args.store and (args.chat_residuals or args.residual_dtype or args.lr or args.steps):
-        raise ValueError("--chat-residuals, --residual-dtype, --lr and --steps choose how an edit is made; with --store "
+    if args.store and (args.chat_residuals or args.residual_dtype or args.lr or args.steps or args.early_stop):
+        raise ValueError("--chat-residuals, --residual-dtype, --lr, --steps and --early-stop choose how an edit is made; "
+                         "with --store "
                          "nothing is edited: drop them, or drop --store to edit")
     config = None if args.store else _edit_config(args)  # its errors (e.g. --gamma 2) before any loading
     plan = data_plan(args)

@@ -56,6 +56,7 @@ def add_gpu_evals_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's settings row)")
     p.add_argument("--lr", type=float, default=None, help="residual learning rate (default: the model's settings row)")
     p.add_argument("--steps", type=int, default=None, help="residual steps (default: the model's settings row)")
+    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default 0.65)")
     p.add_argument("--word-check", dest="word_check", action="store_true", default=True,
                    help="the gate checks the subject's words (the default)")
@@ -83,7 +84,8 @@ def add_gpu_evals_arguments(p: argparse.ArgumentParser) -> None:
 def _edit_options(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
            "--batch-size", str(args.batch_size), "--word-check" if args.word_check else "--no-word-check"]
-    for flag, value in (("--layer", args.layer), ("--lr", args.lr), ("--steps", args.steps), ("--gamma", args.gamma),
+    for flag, value in (("--layer", args.layer), ("--lr", args.lr), ("--steps", args.steps),
+                        ("--early-stop", args.early_stop), ("--gamma", args.gamma),
                         ("--residual-dtype", args.residual_dtype), ("--edit-batch-size", args.edit_batch_size),
                         ("--data-dir", args.data_dir)):
         if value is not None:

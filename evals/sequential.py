@@ -170,6 +170,10 @@ def _check_identity(out: Path, identity: Mapping[str, Any]) -> None:
     identity = json.loads(json.dumps(identity))  # tuples as lists, as read back
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved.get("edit_config"), dict):  # written before a field existed: the value it ran with
+            from neuraldb.config import LEGACY
+
+            saved["edit_config"] = LEGACY | saved["edit_config"]
         differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
         if differ:
             raise ValueError(f"{out} holds a sequential run with other {', '.join(differ)} ({path}); "

@@ -353,11 +353,20 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
     p.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
+    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
     p.add_argument("--sequential", type=_sequential_plan, default=None, metavar="ROUNDSxK",
                    help="instead of the scaling study: sequential editing, e.g. 10x50 (10 rounds of 50 facts into "
                         "one store, every earlier fact re-evaluated after each round, vs all at once; "
                         "evals.sequential); uses --model, --output-dir, --data-dir, --layer, --batch-size, "
-                        "--device, --dtype, --residual-dtype")
+                        "--device, --dtype, --residual-dtype, --early-stop")
+
+
+def _edit_config(args: argparse.Namespace) -> Any:
+    """The EditConfig of ``--layer``, ``--residual-dtype`` and ``--early-stop`` (unset: EditConfig's)."""
+    import neuraldb
+
+    return neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype,
+                               **({} if args.early_stop is None else {"early_stop": args.early_stop}))
 
 
 def _cli_type(parse: Any) -> Any:
@@ -392,7 +401,7 @@ def run_study_cli(args: argparse.Namespace) -> int:
         model, tok, sizes=[int(s) for s in args.sizes.split(",")], readers=args.readers.split(","),
         eval_cases=args.eval_cases, general_tasks=args.general_tasks, general_limit=args.general_limit,
         output_dir=args.output_dir or "reports/study", data_dir=args.data_dir,
-        config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
+        config=_edit_config(args),
         linear=linear, batch_size=args.batch_size,
     )
     print(render_markdown(result))
@@ -424,7 +433,7 @@ def _run_sequential_cli(args: argparse.Namespace) -> int:
     model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
     result = sequential.run_sequential(
         model, tok, plan=args.sequential, output_dir=args.output_dir or "reports/sequential",
-        data_dir=args.data_dir, config=neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype),
+        data_dir=args.data_dir, config=_edit_config(args),
         batch_size=args.batch_size,
     )
     print(sequential.render_markdown(result))

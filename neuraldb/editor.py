@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import resolve_arch
-from .config import EditConfig
+from .config import LEGACY, EditConfig
 from .hook import detached
 from .facts import Fact, FactError, check_conflicts, validate_facts
 from .identity import EditReport, UpsertPlan, plan_upsert
@@ -366,7 +366,7 @@ def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | Non
         return None, []
     db.check_compatible(model, layer=layer)
     ignore = ("context_templates", "layer", "batch_size", "memory_budget_gb")
-    defaults = EditConfig().to_dict()  # a field added since the store was written has its default
+    defaults = EditConfig().to_dict() | LEGACY  # a field added since the store was written: what it was made with
     saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
     if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
         raise StoreError(

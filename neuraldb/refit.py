@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .arch import resolve_arch
-from .config import EditConfig
+from .config import LEGACY, EditConfig
 from .editor import _eval_mode, _subject_groups, facts_per_batch, make_step, stored_fact
 from .facts import Fact, encode_completion
 from .hook import detached
@@ -80,12 +80,13 @@ def forget(model: nn.Module, tokenizer: Any, db: NeuralDB, ids: str | Sequence[s
 
 
 def stored_config(db: NeuralDB) -> EditConfig:
-    """The :class:`EditConfig` ``db`` was edited with (fields it lacks have their defaults)."""
+    """The :class:`EditConfig` ``db`` was edited with (fields it lacks have their ``LEGACY`` value, else
+    their defaults)."""
     if not db.config:
         raise StoreError("the store has no edit config (it was not built by neuraldb.edit); it cannot be re-fitted")
     known = {f.name for f in fields(EditConfig)}
     saved = {k: v for k, v in db.config.items() if k in known}
-    return EditConfig.from_dict(saved | {"layer": db.layer})
+    return EditConfig.from_dict(LEGACY | saved | {"layer": db.layer})
 
 
 def refit_siblings(model: nn.Module, tokenizer: Any, db: NeuralDB, ids: Sequence[str], *,

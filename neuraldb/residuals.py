@@ -13,7 +13,8 @@ context template x prompt followed by ``target_new[:-1]``::
          + weight_decay * ||delta|| / ||h||^2
 
 Adam, ``steps`` steps, clamp ``||delta|| <= clamp_norm_factor * ||h||``, a fact
-stops once its loss < ``early_stop_loss``. Facts are independent, so a batch of
+stops once its NLL (``early_stop="nll"``) or its whole loss (``"loss"``, the paper's rule)
+is below ``early_stop_loss``. Facts are independent, so a batch of
 facts is optimised at once (the loss is a sum of per-fact losses, Adam is
 element-wise, finished facts are frozen and dropped from the batch). Layers
 0..l run once: their output is cached and those layers are bypassed during
@@ -158,7 +159,8 @@ def _frozen(model: nn.Module) -> Iterator[None]:
 def _optimise(
     run: _Runner, init: _Unedited, grp: _Groups, fact_h_norm: torch.Tensor, config: EditConfig
 ) -> tuple[torch.Tensor, ResidualInfo]:
-    """Adam on delta (n_groups, d_model) from zero; a group stops once its loss < early_stop_loss."""
+    """Adam on delta (n_groups, d_model) from zero; a group stops once its mean NLL (``early_stop="nll"``)
+    or its loss (``"loss"``) is below ``early_stop_loss``."""
     lay, device = run.lay, run.lay.ids.device
     n = lay.n_facts
     h_norm = grp.mean(fact_h_norm)  # (n_groups,)
@@ -181,7 +183,8 @@ def _optimise(
             loss_now = loss.detach()
             last_loss = torch.where(active, loss_now, last_loss)
             last_nll = torch.where(fact_on, nll.detach(), last_nll)
-            done = active & (loss_now < config.early_stop_loss)
+            crit = grp.mean(nll.detach()) if config.early_stop == "nll" else loss_now  # (n_groups,)
+            done = active & (crit < config.early_stop_loss)
             if done.any():
                 for i in done[grp.of_fact].nonzero().flatten().tolist():
                     info.steps[i] = step

@@ -393,3 +393,19 @@ def test_edit_memory_budget_flag_reaches_the_config(tiny_edit, monkeypatch, caps
     capsys.readouterr()
     assert run("--facts", facts, "--out", out.with_name("bad.safetensors"), "--memory-budget-gb", -1) == 2
     assert "memory_budget_gb" in capsys.readouterr().err
+
+
+def test_edit_early_stop_flag_reaches_the_config_and_is_stored(tiny_edit, monkeypatch, capsys):
+    import neuraldb
+
+    run, facts, out = tiny_edit
+    seen, real = [], neuraldb.edit
+    monkeypatch.setattr(neuraldb, "edit", lambda *a, config, **kw: seen.append(config) or real(*a, config=config, **kw))
+    assert run("--facts", facts, "--out", out, "--early-stop", "loss") == 0
+    assert seen[-1].early_stop == "loss" and neuraldb.NeuralDB.load(out).config["early_stop"] == "loss"
+    assert run("--facts", facts, "--out", out.with_name("default.safetensors")) == 0
+    assert seen[-1].early_stop == "nll"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run("--facts", facts, "--out", out.with_name("bad.safetensors"), "--early-stop", "kl")
+    assert "--early-stop" in capsys.readouterr().err

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -91,6 +93,52 @@ def test_a_store_written_before_a_config_field_existed_resumes(tmp_path, tiny_ll
     db.save(ckpt)
     done = neuraldb.edit(model, tok, FACTS, config=CFG, checkpoint=ckpt, progress=False)
     assert done.ids == ["e1", "e2", "e3"]
+
+
+def test_early_stop_nll_stops_a_fact_once_its_target_is_learnt(tiny_llama):
+    """early_stop="nll" (the default) drops a fact once its target NLL is below early_stop_loss,
+    even while the KL term keeps its whole loss above it; "loss" (the paper's rule) does not."""
+    from neuraldb.keys import context_templates
+    from neuraldb.residuals import compute_residuals
+
+    model, tok = tiny_llama
+    # a heavy KL term keeps the whole loss well above the NLL on this tiny model
+    cfg = EditConfig(**{**CFG.to_dict(), "kl_factor": 10.0, "early_stop_loss": 0.3})
+    tm = context_templates(model, tok, prefixes=cfg.context_prefixes, length=cfg.context_length)
+    _, by_loss = compute_residuals(model, tok, FACTS, layer=1, templates=tm, config=replace(cfg, early_stop="loss"))
+    _, by_nll = compute_residuals(model, tok, FACTS, layer=1, templates=tm, config=cfg)
+    assert cfg.early_stop == "nll"
+    for i in range(len(FACTS)):
+        if by_loss.steps[i] < cfg.steps:  # the paper's rule stops on the whole loss
+            assert by_loss.loss[i] < 0.3
+        if by_nll.steps[i] < cfg.steps:  # the default stops on the NLL, the whole loss still above the bound
+            assert by_nll.nll[i] < 0.3 <= by_nll.loss[i]
+    assert sum(by_nll.steps) < sum(by_loss.steps), (by_nll.steps, by_loss.steps)
+    db = neuraldb.edit(model, tok, FACTS, config=cfg, progress=False)
+    with db.attached(model):
+        for f in FACTS:
+            assert next_token(model, tok, f.prompt.format(f.subject)) == f.target_new
+
+
+def test_a_store_made_before_early_stop_existed_resumes_under_the_papers_rule(tmp_path, tiny_llama):
+    """A store whose config lacks early_stop was made with the whole-loss rule: resuming it with
+    today's default is refused (it names the field), with early_stop="loss" it resumes, and forget
+    re-fits its facts with that rule."""
+    from neuraldb.refit import stored_config
+
+    model, tok = tiny_llama
+    ckpt = tmp_path / "run.safetensors"
+    old = replace(CFG, early_stop="loss")
+    db = neuraldb.edit(model, tok, FACTS[:1], config=old, progress=False)
+    del db.config["early_stop"]
+    db.save(ckpt)
+    assert stored_config(NeuralDB.load(ckpt)).early_stop == "loss"
+    with pytest.raises(StoreError, match="different EditConfig.*'early_stop': 'loss'"):
+        neuraldb.edit(model, tok, FACTS, config=CFG, checkpoint=ckpt, progress=False)
+    done = neuraldb.edit(model, tok, FACTS, config=old, checkpoint=ckpt, progress=False)
+    assert done.ids == ["e1", "e2", "e3"]
+    with pytest.raises(ValueError, match="early_stop"):
+        EditConfig(early_stop="kl")
 
 
 SAME_SUBJECT = [

@@ -127,6 +127,8 @@ def test_word_check_flags_and_gamma_reach_the_edit_config():
     cfg = _edit_config(p.parse_args(["--gamma", "0.7", "--lr", "0.1", "--steps", "20"]))
     assert (cfg.gamma, cfg.lr, cfg.steps) == (0.7, 0.1, 20)
     assert p.parse_args(["--n", "all"]).n is None
+    assert _edit_config(p.parse_args([])).early_stop == "nll"
+    assert _edit_config(p.parse_args(["--early-stop", "loss"])).early_stop == "loss"
 
 
 def _gpu_args(*argv):
@@ -137,7 +139,7 @@ def _gpu_args(*argv):
 
 def test_gpu_evals_runs_counterfact_then_zsre_then_the_gate_with_the_options_forwarded(capsys):
     ran = []
-    args = _gpu_args("--model", "m", "--no-word-check", "--gamma", "0.7", "--output-dir", "out")
+    args = _gpu_args("--model", "m", "--no-word-check", "--gamma", "0.7", "--early-stop", "loss", "--output-dir", "out")
     assert gpu_evals.run_gpu_evals(args, run=lambda argv: ran.append(list(argv)) or 0) == 0
     cf, zsre, gate = ran
     assert cf[:8] == ["evaluate", "--dataset", "counterfact", "--split", "eval", "--n", "10000", "--general-tasks"]
@@ -145,6 +147,7 @@ def test_gpu_evals_runs_counterfact_then_zsre_then_the_gate_with_the_options_for
                         "--output-dir"]
     for step in (cf, zsre):
         assert "--no-word-check" in step and step[step.index("--gamma") + 1] == "0.7"
+        assert step[step.index("--early-stop") + 1] == "loss"
         assert step[step.index("--model") + 1] == "m" and step[step.index("--device") + 1] == "cuda"
     assert gate == ["gate", "--report", str(Path("out") / "report.json"), "--policy", "strict", "--output-dir", "out"]
     assert "$ neuraldb gate --report" in capsys.readouterr().out

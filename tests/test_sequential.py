@@ -103,6 +103,27 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_llama, data_dir, tmp
                        config=dataclasses.replace(CFG, steps=5), progress=False)
 
 
+def test_a_folder_written_before_early_stop_existed_continues_under_the_papers_rule(tiny_llama, data_dir, tmp_path):
+    """Its sequential_run.json lacks early_stop: it ran the whole-loss rule, which a rerun must name."""
+    import dataclasses
+    import json
+
+    model, tok = tiny_llama
+    out = tmp_path / "seq"
+    old = dataclasses.replace(CFG, early_stop="loss")
+    run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                   config=old, progress=False)
+    ident = json.loads((out / "sequential_run.json").read_text())
+    del ident["edit_config"]["early_stop"]
+    (out / "sequential_run.json").write_text(json.dumps(ident))
+    with pytest.raises(ValueError, match="other edit_config"):
+        run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                       config=dataclasses.replace(CFG, early_stop="nll"), progress=False)
+    again = run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                           config=old, progress=False)
+    assert len(again["rounds"]) == 1
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="neuraldb study")
     add_study_arguments(p)
@@ -132,8 +153,9 @@ def test_cli_dispatches_to_sequential(monkeypatch, capsys):
     monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("ran the scaling study"))
     monkeypatch.setattr(sequential, "run_sequential", lambda *a, **k: seen.update(k) or {"fake": True})
     monkeypatch.setattr(sequential, "render_markdown", lambda result: "TABLE")
-    args = _parser().parse_args(["--sequential", "3x4", "--sizes", "10"])
+    args = _parser().parse_args(["--sequential", "3x4", "--sizes", "10", "--early-stop", "loss"])
     assert study.run_study_cli(args) == 0
     assert seen["plan"] == SequentialPlan(rounds=3, per_round=4) and seen["output_dir"] == "reports/sequential"
+    assert seen["config"].early_stop == "loss"
     captured = capsys.readouterr()
     assert "TABLE" in captured.out and "does not use --sizes" in captured.err
