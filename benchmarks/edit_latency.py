@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from neuraldb.cli import add_early_stop_argument, early_stop_of
+
 HERE = Path(__file__).resolve().parent
 PHASES = ("context_templates", "optimisation_model", "keys", "layout", "prefix_pass", "unedited_pass",
           "shortcut_check", "adam_loop", "adam_forward", "cache_copy", "adam_backward", "store_add", "self_check")
@@ -54,7 +56,7 @@ def child(args: argparse.Namespace) -> dict:
     facts = [c.fact for c in load_counterfact(data_dir=args.data_dir, limit=args.n)]
     sync = synchronizer(args.device)
     cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, batch_size=args.batch_size,
-                     **({} if args.early_stop is None else {"early_stop": args.early_stop}))
+                     **early_stop_of(args))
     if args.naive:
         from edit_throughput import naive_residual
         from neuraldb.keys import context_templates
@@ -109,8 +111,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
-    ap.add_argument("--early-stop", choices=("nll", "loss"), default=None,
-                    help="EditConfig.early_stop: nll (default) or loss (the paper's rule)")
+    add_early_stop_argument(ap)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)

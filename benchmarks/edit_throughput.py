@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import neuraldb
 from _common import add_model_arguments, device_name, load, synchronizer
 from neuraldb import EditConfig, TraceDict
+from neuraldb.cli import add_early_stop_argument, early_stop_of
 from neuraldb.keys import compute_keys, context_templates, model_device, pad_batch, pad_id
 from neuraldb.residual_batch import _build
 from neuraldb.settings import resolve_settings
@@ -92,8 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128, help="facts optimised together (default 128, EditConfig's)")
     ap.add_argument("--memory-budget-gb", type=float, default=EditConfig.memory_budget_gb,
                     help="EditConfig.memory_budget_gb (default EditConfig's; 0 = no bound, batch-size alone)")
-    ap.add_argument("--early-stop", choices=("nll", "loss"), default=None,
-                    help="EditConfig.early_stop: nll (default) or loss (the paper's rule)")
+    add_early_stop_argument(ap)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--residual-dtypes", default="model",
                     help="comma list of EditConfig.residual_dtype values to time, 'model' = the model's own "
@@ -106,7 +106,7 @@ def main() -> None:
     facts = [c.fact for c in cases]
     # layer / lr / steps as neuraldb.edit resolves them (neuraldb/settings.json), so the naive loop matches
     cfg = resolve_settings(model, config=EditConfig(layer=args.layer, batch_size=args.batch_size,
-                                                    **({} if args.early_stop is None else {"early_stop": args.early_stop}),
+                                                    **early_stop_of(args),
                                                     memory_budget_gb=args.memory_budget_gb or None)).config
     arch = neuraldb.resolve_arch(model)
     layer = cfg.layer

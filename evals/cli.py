@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from neuraldb.cli import add_early_stop_argument, early_stop_of
+
 __all__ = ["add_compare_arguments", "add_evaluate_arguments", "data_plan", "n_cases_arg", "run_compare", "run_evaluate"]
 
 
@@ -58,7 +60,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the residuals (default: the model's row in neuraldb/settings.json, else 0.5)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps of the residuals (default: the model's row, else 25)")
-    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
+    add_early_stop_argument(p)
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default: the store's / 0.65)")
     p.add_argument("--word-check", dest="word_check", action="store_true", default=True,
                    help="the gate checks the subject's words (EditConfig(word_check=True); the default)")
@@ -172,8 +174,7 @@ def _load_cases(args: argparse.Namespace, plan: dict[str, Any]) -> Any:
 def _edit_config(args: argparse.Namespace) -> Any:
     import neuraldb
 
-    kw = ({} if args.gamma is None else {"gamma": args.gamma}) | (
-        {} if args.early_stop is None else {"early_stop": args.early_stop})
+    kw = ({} if args.gamma is None else {"gamma": args.gamma}) | early_stop_of(args)
     return neuraldb.EditConfig(layer=args.layer, lr=args.lr, steps=args.steps, batch_size=args.edit_batch_size,
                                word_check=args.word_check, chat_residuals=args.chat_residuals,
                                residual_dtype=args.residual_dtype, **kw)

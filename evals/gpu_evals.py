@@ -32,6 +32,8 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
+from neuraldb.cli import add_early_stop_argument
+
 __all__ = ["add_gpu_evals_arguments", "gpu_evals_commands", "run_gpu_evals"]
 
 
@@ -56,7 +58,7 @@ def add_gpu_evals_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's settings row)")
     p.add_argument("--lr", type=float, default=None, help="residual learning rate (default: the model's settings row)")
     p.add_argument("--steps", type=int, default=None, help="residual steps (default: the model's settings row)")
-    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
+    add_early_stop_argument(p)
     p.add_argument("--gamma", type=float, default=None, help="gate threshold (default 0.65)")
     p.add_argument("--word-check", dest="word_check", action="store_true", default=True,
                    help="the gate checks the subject's words (the default)")

@@ -245,13 +245,27 @@ def _edit_plan(args: argparse.Namespace) -> tuple[Path, Path, bool]:
     return out, ckpt, bool(args.append and out.exists() and not resuming)
 
 
+def add_early_stop_argument(p: argparse.ArgumentParser) -> None:
+    """``--early-stop nll|loss`` (``EditConfig.early_stop``), for every command that edits."""
+    from .config import EARLY_STOP
+
+    p.add_argument("--early-stop", choices=EARLY_STOP, default=None,
+                   help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss "
+                        "(loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
+
+
+def early_stop_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"early_stop": ...}`` when ``--early-stop`` was given, else ``{}`` (EditConfig's default)."""
+    return {} if getattr(args, "early_stop", None) is None else {"early_stop": args.early_stop}
+
+
 def _edit_config(args: argparse.Namespace) -> Any:
     """The :class:`~neuraldb.config.EditConfig` of ``neuraldb edit``'s options."""
     from . import EditConfig
 
     return EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
                       chat_residuals=args.chat_residuals,
-                      **({} if args.early_stop is None else {"early_stop": args.early_stop}),
+                      **early_stop_of(args),
                       **({} if args.batch_size is None else {"batch_size": args.batch_size}),
                       **({} if args.memory_budget_gb is None else
                          {"memory_budget_gb": args.memory_budget_gb or None}))
@@ -396,7 +410,7 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
                    "with bfloat16 units); default: the model's own")
     p.add_argument("--no-word-check", action="store_true",
                    help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
-    p.add_argument("--early-stop", choices=("nll", "loss"), default=None, help="stop a fact's optimisation once its target NLL (nll, the default) or its whole loss (loss: NLL + KL + weight decay, the paper's rule) is below 5e-2 (EditConfig.early_stop)")
+    add_early_stop_argument(p)
     p.add_argument("--chat-residuals", action="store_true",
                    help="also optimise each residual on the prompt asked as a chat turn, so the edit carries into "
                    "chat use (EditConfig.chat_residuals; README, 'Mentions, chat use')")
