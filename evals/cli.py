@@ -257,9 +257,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown {kind} metric(s) {sorted(set(metrics) - set(known))}; choose from {known}")
     check_general_tasks(args.general_tasks)  # before hours of editing
     if args.store and (args.chat_residuals or args.residual_dtype or args.lr or args.steps or args.early_stop):
-        raise ValueError("--chat-residuals, --residual-dtype, --lr, --steps and --early-stop choose how an edit is made; "
-                         "with --store "
-                         "nothing is edited: drop them, or drop --store to edit")
+        raise ValueError("--chat-residuals, --residual-dtype, --lr, --steps and --early-stop choose how an edit is "
+                         "made; with --store nothing is edited: drop them, or drop --store to edit")
     config = None if args.store else _edit_config(args)  # its errors (e.g. --gamma 2) before any loading
     plan = data_plan(args)
     if args.dry_run:
