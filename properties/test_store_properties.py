@@ -139,6 +139,10 @@ def test_screened_hook_gate_equals_brute_force(ks, seed, rank, gamma, noise, cal
     both = fire & bf
     assert torch.equal(index[both], bi[both])
     assert bool((index[~fire] == -1).all())
+    # one query at a time (a batch-1 decoding step) takes the float16 bound: the same decisions
+    one = [db._screened_gate(q[i : i + 1]) for i in range(8)]
+    assert torch.equal(torch.cat([f for f, _ in one])[far[:8]], fire[:8][far[:8]])
+    assert torch.equal(torch.cat([i for _, i in one])[far[:8]], index[:8][far[:8]])
 
 
 @settings(max_examples=examples("store", 0.2))
@@ -154,6 +158,10 @@ def test_screened_hook_gate_at_100k(seed, noise):
     far = (bs - db.gamma).abs() > TIE
     assert torch.equal(fire[far], bf[far])
     assert torch.equal(index[fire & bf], bi[fire & bf])
+    some = torch.arange(0, q.shape[0], 12)
+    one = [db._screened_gate(q[i : i + 1]) for i in some]  # single queries: the float16 bound
+    assert torch.equal(torch.cat([f for f, _ in one])[far[some]], fire[some][far[some]])
+    assert torch.equal(torch.cat([i for _, i in one])[far[some]], index[some][far[some]])
 
 
 @settings(max_examples=examples("store"))
