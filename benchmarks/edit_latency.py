@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from neuraldb.cli import add_early_stop_argument, early_stop_of
+from neuraldb.cli import add_early_stop_argument, add_residual_dtype_argument, early_stop_of, residual_dtype_of
 
 HERE = Path(__file__).resolve().parent
 PHASES = ("context_templates", "optimisation_model", "keys", "layout", "prefix_pass", "unedited_pass",
@@ -55,8 +55,7 @@ def child(args: argparse.Namespace) -> dict:
     loaded = peak_rss_gb()
     facts = [c.fact for c in load_counterfact(data_dir=args.data_dir, limit=args.n)]
     sync = synchronizer(args.device)
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, batch_size=args.batch_size,
-                     **early_stop_of(args))
+    cfg = EditConfig(layer=args.layer, batch_size=args.batch_size, **residual_dtype_of(args), **early_stop_of(args))
     if args.naive:
         from edit_throughput import naive_residual
         from neuraldb.keys import context_templates
@@ -110,7 +109,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print each size's phase breakdown (seconds)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
+    add_residual_dtype_argument(ap)
     add_early_stop_argument(ap)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -131,7 +130,7 @@ def main() -> None:
             common += [flag, str(value)]
     sizes = [int(s) for s in args.sizes.split(",")]
     naive = run_child([*common, "--child", str(args.naive_n), "--naive"]) if args.naive_n else None
-    print(f"device: {device_name(args.device)}; model {args.model}, residual_dtype {args.residual_dtype}, "
+    print(f"device: {device_name(args.device)}; model {args.model}, residual_dtype {args.residual_dtype or 'auto (default)'}, "
           f"early_stop {args.early_stop or 'nll (default)'}, "
           f"batch {args.batch_size}, {args.repeats} warm repeats per size (median)")
     if naive:

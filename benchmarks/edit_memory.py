@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from neuraldb.cli import add_residual_dtype_argument, residual_dtype_of
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -34,8 +36,8 @@ def child(args: argparse.Namespace) -> dict:
 
     model, tok = load(args)
     facts = [c.fact for c in load_counterfact(data_dir=args.data_dir, limit=args.child)]
-    cfg = EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, steps=args.steps, batch_size=args.child,
-                     memory_budget_gb=None)
+    cfg = EditConfig(layer=args.layer, steps=args.steps, batch_size=args.child, memory_budget_gb=None,
+                     **residual_dtype_of(args))
     from neuraldb.keys import context_templates
 
     context_templates(model, tok, prefixes=cfg.context_prefixes, length=cfg.context_length)
@@ -56,7 +58,7 @@ def main() -> None:
     ap.add_argument("--ks", default="8,32,64,128")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--layer", type=int, default=None)
-    ap.add_argument("--residual-dtype", default=None)
+    add_residual_dtype_argument(ap)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neuraldb.cli import add_early_stop_argument, early_stop_of
+from neuraldb.cli import add_early_stop_argument, add_residual_dtype_argument, early_stop_of, residual_dtype_of
 
 __all__ = ["add_compare_arguments", "add_evaluate_arguments", "data_plan", "n_cases_arg", "run_compare", "run_evaluate"]
 
@@ -70,9 +70,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-residuals", action="store_true",
                    help="when editing: also optimise each residual on the prompt asked as a chat turn "
                         "(EditConfig(chat_residuals=True)), so the edit carries into chat use")
-    p.add_argument("--residual-dtype", default=None,
-                   help="when editing: optimise residuals on a copy of the model in this dtype, e.g. bfloat16 "
-                        "(EditConfig.residual_dtype); default: the model's own")
+    add_residual_dtype_argument(p, when="when editing: ")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size (default 16)")
     p.add_argument("--edit-batch-size", type=int, default=128, help="facts optimised together when editing (default 128)")
     p.add_argument("--metrics", nargs="+", default=None,
@@ -174,10 +172,18 @@ def _load_cases(args: argparse.Namespace, plan: dict[str, Any]) -> Any:
 def _edit_config(args: argparse.Namespace) -> Any:
     import neuraldb
 
-    kw = ({} if args.gamma is None else {"gamma": args.gamma}) | early_stop_of(args)
+    kw = ({} if args.gamma is None else {"gamma": args.gamma}) | early_stop_of(args) | residual_dtype_of(args)
     return neuraldb.EditConfig(layer=args.layer, lr=args.lr, steps=args.steps, batch_size=args.edit_batch_size,
-                               word_check=args.word_check, chat_residuals=args.chat_residuals,
-                               residual_dtype=args.residual_dtype, **kw)
+                               word_check=args.word_check, chat_residuals=args.chat_residuals, **kw)
+
+
+def _dtype_line(dtype: str | None, model: Any) -> str:
+    """How the residuals will be optimised: ``auto`` says what it means for the loaded model."""
+    if dtype == "auto" and model is not None:
+        from neuraldb.residuals import fast_residual_dtype
+
+        return f"auto ({fast_residual_dtype(model) or 'as the model'} here)"
+    return dtype or "as the model"
 
 
 def _settings_lines(args: argparse.Namespace, model: Any = None) -> tuple[list[str], dict[str, Any]]:
@@ -196,7 +202,7 @@ def _settings_lines(args: argparse.Namespace, model: Any = None) -> tuple[list[s
     else:
         hf_config, where = model_config(args.model)
     other = (f"gamma {config.gamma}, word check {'on' if config.word_check else 'off'}, edit batch "
-             f"{config.batch_size}, residual dtype {config.residual_dtype or 'as the model'}"
+             f"{config.batch_size}, residual dtype {_dtype_line(config.residual_dtype, model)}"
              + (", chat residuals" if config.chat_residuals else ""))
     if hf_config is None:
         return [f"layer, lr, steps: resolved at load ({where})", other], {}

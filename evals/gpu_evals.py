@@ -32,7 +32,7 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
-from neuraldb.cli import add_early_stop_argument
+from neuraldb.cli import add_early_stop_argument, add_residual_dtype_argument
 
 __all__ = ["add_gpu_evals_arguments", "gpu_evals_commands", "run_gpu_evals"]
 
@@ -64,7 +64,7 @@ def add_gpu_evals_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gate checks the subject's words (the default)")
     p.add_argument("--no-word-check", dest="word_check", action="store_false",
                    help="the paper's gate: no word check")
-    p.add_argument("--residual-dtype", default=None, help="optimise residuals in this dtype, e.g. bfloat16")
+    add_residual_dtype_argument(p)
     p.add_argument("--edit-batch-size", type=int, default=None, help="facts optimised together (default 128)")
     p.add_argument("--general-tasks", default="all", help="general tasks of the CounterFact run (default: all six)")
     p.add_argument("--general-limit", type=int, default=None, help="examples per general task (default: all)")

@@ -110,11 +110,13 @@ def run_sequential(
     """Edit ``plan.rounds`` rounds of ``plan.per_round`` facts into one store, re-evaluating after each;
     then edit them all at once and compare. ``cases``: default the first editable CounterFact cases."""
     import neuraldb
+    from neuraldb.residuals import settle_residual_dtype
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = config or neuraldb.EditConfig()
     cases, skipped = _cases(tokenizer, config, plan, cases, data_dir)
+    config = settle_residual_dtype(model, config, _saved_config(out))  # "auto": the run's own, else this machine's
     _check_identity(out, _identity(model, plan, config, confidence))
     eval_options = {"batch_size": batch_size, "confidence": confidence, "progress": progress}
     path = out / _STORE
@@ -162,6 +164,17 @@ def _identity(model: Any, plan: SequentialPlan, config: Any, confidence: float) 
 
     return {"model": model_name(model), "per_round": plan.per_round, "edit_config": config.to_dict(),
             "confidence": confidence}
+
+
+def _saved_config(out: Path) -> dict[str, Any] | None:
+    """The EditConfig (as a dict) of the run in ``out``, if one was started there."""
+    path = out / "sequential_run.json"
+    saved = json.loads(path.read_text(encoding="utf-8")).get("edit_config") if path.is_file() else None
+    if not isinstance(saved, dict):
+        return None
+    from neuraldb.config import LEGACY
+
+    return LEGACY | saved  # written before a field existed: the value it ran with
 
 
 def _check_identity(out: Path, identity: Mapping[str, Any]) -> None:

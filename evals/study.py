@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from neuraldb.cli import add_early_stop_argument, early_stop_of
+from neuraldb.cli import add_early_stop_argument, add_residual_dtype_argument, early_stop_of, residual_dtype_of
 from neuraldb.io import atomic_write, write_text
 
 from .linear_sweep import (DEFAULT_LAMS, LinearSweep, choose, generic_texts, heldout_cases, parse_counts, parse_lams,
@@ -353,7 +353,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--residual-dtype", default=None, help="EditConfig.residual_dtype, e.g. bfloat16")
+    add_residual_dtype_argument(p)
     add_early_stop_argument(p)
     p.add_argument("--sequential", type=_sequential_plan, default=None, metavar="ROUNDSxK",
                    help="instead of the scaling study: sequential editing, e.g. 10x50 (10 rounds of 50 facts into "
@@ -366,7 +366,7 @@ def _edit_config(args: argparse.Namespace) -> Any:
     """The EditConfig of ``--layer``, ``--residual-dtype`` and ``--early-stop`` (unset: EditConfig's)."""
     import neuraldb
 
-    return neuraldb.EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, **early_stop_of(args))
+    return neuraldb.EditConfig(layer=args.layer, **residual_dtype_of(args), **early_stop_of(args))
 
 
 def _cli_type(parse: Any) -> Any:

@@ -259,13 +259,31 @@ def early_stop_of(args: argparse.Namespace) -> dict[str, Any]:
     return {} if getattr(args, "early_stop", None) is None else {"early_stop": args.early_stop}
 
 
+def add_residual_dtype_argument(p: argparse.ArgumentParser, *, when: str = "") -> None:
+    """``--residual-dtype auto|model|float32|bfloat16|...`` (``EditConfig.residual_dtype``), for every
+    command that edits; ``when`` prefixes the help (e.g. "when editing: ")."""
+    p.add_argument("--residual-dtype", choices=RESIDUAL_DTYPE_CHOICES, default=None,
+                   help=f"{when}the dtype the residuals are optimised in (EditConfig.residual_dtype): auto (the "
+                        "default) = bfloat16 for a float32 model on a CPU with bfloat16 units, else the model's; "
+                        "model = the model's own dtype; or a dtype")
+
+
+RESIDUAL_DTYPE_CHOICES = ("auto", "model", "float32", "bfloat16", "float16", "float64")
+
+
+def residual_dtype_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"residual_dtype": ...}`` when ``--residual-dtype`` was given ("model" is None), else ``{}``."""
+    value = getattr(args, "residual_dtype", None)
+    return {} if value is None else {"residual_dtype": None if value == "model" else value}
+
+
 def _edit_config(args: argparse.Namespace) -> Any:
     """The :class:`~neuraldb.config.EditConfig` of ``neuraldb edit``'s options."""
     from . import EditConfig
 
-    return EditConfig(layer=args.layer, residual_dtype=args.residual_dtype, word_check=not args.no_word_check,
+    return EditConfig(layer=args.layer, word_check=not args.no_word_check,
                       chat_residuals=args.chat_residuals,
-                      **early_stop_of(args),
+                      **early_stop_of(args), **residual_dtype_of(args),
                       **({} if args.batch_size is None else {"batch_size": args.batch_size}),
                       **({} if args.memory_budget_gb is None else
                          {"memory_budget_gb": args.memory_budget_gb or None}))
@@ -404,10 +422,8 @@ def _add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="facts optimised together (default: EditConfig's, 128)")
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="bound on what one optimisation batch adds to memory, in GB: fewer facts per batch "
-                        "(default: EditConfig's, 3.0; 0 = no bound, batches of --batch-size)")
-    p.add_argument("--residual-dtype", default=None,
-                   help="optimise residuals on a copy of the model in this dtype, e.g. bfloat16 (faster on CPUs "
-                   "with bfloat16 units); default: the model's own")
+                        "(default: EditConfig's, 2.0; 0 = no bound, batches of --batch-size)")
+    add_residual_dtype_argument(p)
     p.add_argument("--no-word-check", action="store_true",
                    help="the paper's gate: do not store the subjects' tokens (EditConfig.word_check=False)")
     add_early_stop_argument(p)

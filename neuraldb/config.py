@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from numbers import Real
 from typing import Any, Mapping
 
-__all__ = ["EditConfig", "FALLBACKS", "LEGACY", "check_gamma"]
+__all__ = ["EditConfig", "FALLBACKS", "LEGACY", "RESIDUAL_DTYPES", "check_gamma"]
 
 # What EditConfig's None-able hyper-parameters mean when neither the user nor the model's
 # settings row (neuraldb/settings.json) sets them; the layer's fallback is the family's fraction.
@@ -25,8 +25,9 @@ FALLBACKS: dict[str, Any] = {"steps": 25, "lr": 0.5}
 
 # Fields added after stores were first written, with the value such a store was made with: a
 # store (or checkpoint) whose config lacks one was edited under this value, not today's default.
-LEGACY: dict[str, Any] = {"early_stop": "loss"}
+LEGACY: dict[str, Any] = {"early_stop": "loss", "residual_dtype": None}
 EARLY_STOP = ("nll", "loss")
+RESIDUAL_DTYPES = ("auto", None, "float32", "bfloat16", "float16", "float64")
 
 
 def check_gamma(value: Any, *, where: str, error: type[ValueError] = ValueError) -> float:
@@ -65,16 +66,21 @@ class EditConfig:
         (1 of 10 stopped on SmolLM2), so nearly every fact runs every step. Stores written before
         this field existed were made with "loss" (``LEGACY``). README, "Early stopping".
     batch_size: facts optimised together (their residuals are independent), at most.
-    memory_budget_gb: the memory one optimisation batch may add, in GB (default 3.0, so an
-        edit of 128 facts on SmolLM2-135M stays under 4 GB RSS with the model): a batch holds
-        at most ``budget / neuraldb.editor.batch_bytes_per_fact(model, config)`` facts (an
-        estimate from the model's shape, fitted on SmolLM2: README, "Benchmarks"). None = no
+    memory_budget_gb: the memory the residual optimisation may add, in GB: the copy of the
+        model it runs on (``residual_dtype``, if one is made) and one batch (default 2.0, so an
+        edit of 128 facts on SmolLM2-135M stays under 4 GB RSS with the model, README
+        "Benchmarks"): a batch holds at most ``(budget - copy) /
+        neuraldb.editor.batch_bytes_per_fact(model, config)`` facts (an estimate from the
+        model's shape, fitted on SmolLM2: README, "Benchmarks"). None = no
         bound (``batch_size`` alone). Like ``batch_size`` it only groups facts: results and
         resumes do not depend on it.
     residual_dtype: run the residual optimisation on a copy of the model in this dtype
-        (e.g. "bfloat16": about 1.7x faster on CPUs with bfloat16 units, see the
-        README's benchmarks); delta, the loss and Adam stay float32, keys always come
-        from the model itself. None = the model as it is.
+        (e.g. "bfloat16": about 1.8x faster on CPUs with bfloat16 dot-product units, README,
+        "Edit latency"); delta, the loss and Adam stay float32, keys always come from the model
+        itself. None = the model as it is. "auto" (default): "bfloat16" for a float32 model on
+        a CPU with bfloat16 units (AVX512-BF16 or AMX), else None; adding to a store (or
+        resuming) takes the store's value, and a new store records the value used
+        (:func:`neuraldb.residuals.settle_residual_dtype`).
     context_prefixes / context_length / context_seed: the model continues each prefix
         for ``context_length`` tokens (top-5 sampling as in MEMIT, seeded so the
         templates are reproducible); each continuation + ". {}" is a context template.
@@ -111,8 +117,8 @@ class EditConfig:
     early_stop_loss: float = 5e-2
     early_stop: str = "nll"
     batch_size: int = 128
-    memory_budget_gb: float | None = 3.0
-    residual_dtype: str | None = None
+    memory_budget_gb: float | None = 2.0
+    residual_dtype: str | None = "auto"
     share_subject_residuals: bool = True
     word_check: bool = True
     context_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
@@ -146,8 +152,9 @@ class EditConfig:
                                                and not isinstance(self.memory_budget_gb, bool)
                                                and self.memory_budget_gb > 0),
              "memory_budget_gb", "use a number of GB > 0, or None for no bound")
-        need(self.residual_dtype in (None, "float32", "bfloat16", "float16", "float64"), "residual_dtype",
-             "use None (the model's dtype) or one of 'float32', 'bfloat16', 'float16', 'float64'")
+        need(self.residual_dtype in RESIDUAL_DTYPES, "residual_dtype",
+             "use 'auto' (bfloat16 on CPUs with bfloat16 units), None (the model's dtype) or one of 'float32', "
+             "'bfloat16', 'float16', 'float64'")
         need(0.0 <= self.bare_weight <= 1.0, "bare_weight", "use a weight in [0, 1]")
         need(self.kl_prompt.count("{}") == 1, "kl_prompt", "it needs exactly one '{}' for the subject")
         need(isinstance(self.context_length, int) and self.context_length >= 1, "context_length", "use an int >= 1")

@@ -51,6 +51,7 @@ from .arch import resolve_arch
 from .config import EditConfig
 from .facts import Fact, check_conflicts, validate_facts
 from .identity import EditReport
+from .residuals import settle_residual_dtype
 from .settings import resolve_settings
 from .store import NeuralDB, StoreError, layer_fingerprint
 
@@ -282,6 +283,7 @@ def edit_distributed(
                     progress=progress, check=check, strict=strict)
     _init(model)
     rank, world = dist.get_rank(), dist.get_world_size()
+    config = settle_residual_dtype(model, config)  # "auto": this machine's choice, checked equal on every rank below
     arch = resolve_arch(model, layers=config.layers_template, mlp_out=config.mlp_out_template,
                         residual_out=config.residual_out_template)
     layer = arch.check_layer(config.layer)

@@ -42,13 +42,13 @@ from .facts import Fact, FactError, check_conflicts, validate_facts
 from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
-from .residuals import compute_residuals, optimisation_model
+from .residuals import compute_residuals, fast_residual_dtype, optimisation_model, settle_residual_dtype
 from .settings import resolve_settings
 from .timing import phase
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
 from .words import subject_words, word_start_tokens
 
-__all__ = ["edit", "batch_bytes_per_fact", "facts_per_batch"]
+__all__ = ["edit", "batch_bytes_per_fact", "copy_bytes", "facts_per_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def edit(
     )
     layer = arch.check_layer(config.layer)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    db, templates = _resume(model, config, layer, db, ckpt)
+    db, templates, config = _resume(model, config, layer, db, ckpt)
     with detached(model), _eval_mode(model):  # keys and residuals are always computed on the unedited model
         if not templates:
             with phase("context_templates"):
@@ -265,7 +265,8 @@ def batch_bytes_per_fact(model: nn.Module, config: EditConfig, *, layer: int | N
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     kv_dim = d_model // heads * kv_heads
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    dtype = getattr(torch, config.residual_dtype) if config.residual_dtype else next(model.parameters()).dtype
+    name = fast_residual_dtype(model) if config.residual_dtype == "auto" else config.residual_dtype
+    dtype = getattr(torch, name) if name else next(model.parameters()).dtype
     b = torch.finfo(dtype).bits // 8
     if templates is None:
         templates = 1 + len(config.context_prefixes) + int(config.chat_residuals)
@@ -281,21 +282,37 @@ _FIT = 0.75  # measured / estimated bytes per fact, SmolLM2-135M float32: 55 / 7
 def facts_per_batch(model: nn.Module, config: EditConfig, *, layer: int | None = None,
                     templates: int | None = None) -> int:
     """How many facts one optimisation batch holds: ``config.batch_size``, fewer when
-    ``config.memory_budget_gb`` cannot hold that many (:func:`batch_bytes_per_fact`); at least 1.
+    ``config.memory_budget_gb``, less the copy of the model the optimisation runs on
+    (:func:`copy_bytes`), cannot hold that many (:func:`batch_bytes_per_fact`); at least 1.
 
     Example::
 
-        facts_per_batch(model, EditConfig())                        # SmolLM2-135M: 128 -> 55
+        facts_per_batch(model, EditConfig())                        # SmolLM2-135M, bfloat16 copy: 128 -> 55
         facts_per_batch(model, EditConfig(memory_budget_gb=None))   # 128
     """
     if config.memory_budget_gb is None:
         return config.batch_size
     per_fact = batch_bytes_per_fact(model, config, layer=layer, templates=templates)
-    fits = max(1, int(config.memory_budget_gb * 2**30 // per_fact))
+    fits = max(1, int((config.memory_budget_gb * 2**30 - copy_bytes(model, config)) // per_fact))
     if fits < config.batch_size:
         log.debug("memory_budget_gb=%s: %d facts per batch (estimated %.0f MB per fact) instead of %d",
                   config.memory_budget_gb, fits, per_fact / 2**20, config.batch_size)
     return min(config.batch_size, fits)
+
+
+def copy_bytes(model: nn.Module, config: EditConfig) -> int:
+    """Bytes of the copy of ``model`` the residual optimisation runs on (``config.residual_dtype``
+    other than the model's dtype), 0 when it runs on the model itself.
+
+    Example::
+
+        copy_bytes(model, EditConfig(residual_dtype="bfloat16"))   # SmolLM2-135M float32: 270 MB
+    """
+    name = fast_residual_dtype(model) if config.residual_dtype == "auto" else config.residual_dtype
+    dtype = getattr(torch, name) if name else None
+    if dtype is None or dtype == next(model.parameters()).dtype:
+        return 0
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers())) * (torch.finfo(dtype).bits // 8)
 
 
 def _context_limit(model: nn.Module) -> tuple[int, str] | None:
@@ -355,15 +372,17 @@ def make_step(model: nn.Module, tokenizer: Any, config: EditConfig, *, arch: Any
 
 
 def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | None,
-            ckpt: Path | None) -> tuple[NeuralDB | None, list[str]]:
-    """The store to add to (``db``, else the checkpoint if it exists) and its context templates;
-    a store built with another EditConfig is an error (``batch_size`` and ``memory_budget_gb`` only
-    group facts)."""
+            ckpt: Path | None) -> tuple[NeuralDB | None, list[str], EditConfig]:
+    """The store to add to (``db``, else the checkpoint if it exists), its context templates and
+    the config with ``residual_dtype="auto"`` settled (the store's value, else the machine's:
+    :func:`~neuraldb.residuals.settle_residual_dtype`); a store built with another EditConfig is an
+    error (``batch_size`` and ``memory_budget_gb`` only group facts)."""
     if db is None and ckpt is not None and ckpt.exists():
         db = NeuralDB.load(ckpt, model=model, layer=layer)
         log.info("resuming from %s: %d facts already done", ckpt, len(db))
+    config = settle_residual_dtype(model, config, LEGACY | db.config if db is not None else None)
     if db is None:
-        return None, []
+        return None, [], config
     db.check_compatible(model, layer=layer)
     ignore = ("context_templates", "layer", "batch_size", "memory_budget_gb")
     defaults = EditConfig().to_dict() | LEGACY  # a field added since the store was written: what it was made with
@@ -373,7 +392,7 @@ def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | Non
             "the store (or checkpoint) was built with a different EditConfig; resume with the same "
             f"config or start a new store. Stored: {saved}"
         )
-    return db, list(db.config.get("context_templates") or [])
+    return db, list(db.config.get("context_templates") or []), config
 
 
 @contextmanager

@@ -1,11 +1,13 @@
 """EditConfig.memory_budget_gb: facts per optimisation batch chosen from a memory budget."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import neuraldb
 from neuraldb import EditConfig, Fact
-from neuraldb.editor import batch_bytes_per_fact, facts_per_batch
+from neuraldb.editor import batch_bytes_per_fact, copy_bytes, facts_per_batch
 
 FACTS = [
     Fact(prompt="the city of {}", subject="the eiffel tower", target_new="rome", id="e1"),
@@ -24,11 +26,25 @@ def test_the_budget_is_validated(bad):
 
 def test_the_budget_sets_the_facts_per_batch(tiny_llama):
     model, _ = tiny_llama
+    from neuraldb.residuals import fast_residual_dtype
+
     per_fact = batch_bytes_per_fact(model, CFG)
     assert per_fact > 0
-    assert batch_bytes_per_fact(model, EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"})) < per_fact
-    two = EditConfig(**{**CFG.to_dict(), "memory_budget_gb": 2.5 * per_fact / 2**30})
+    as_model = batch_bytes_per_fact(model, EditConfig(**{**CFG.to_dict(), "residual_dtype": None}))
+    assert batch_bytes_per_fact(model, EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"})) < as_model
+    # the default ("auto") is estimated in the dtype it runs in on this machine
+    auto = EditConfig(**{**CFG.to_dict(), "residual_dtype": fast_residual_dtype(model)})
+    assert per_fact == batch_bytes_per_fact(model, auto)
+    two = EditConfig(**{**CFG.to_dict(), "memory_budget_gb": 2.5 * as_model / 2**30, "residual_dtype": None})
     assert facts_per_batch(model, two) == 2
+    # a bfloat16 copy of the model counts against the budget, once
+    copy = copy_bytes(model, EditConfig(residual_dtype="bfloat16"))
+    assert copy == sum(p.numel() for p in model.parameters()) * 2 + sum(b.numel() for b in model.buffers()) * 2
+    assert copy_bytes(model, EditConfig(residual_dtype=None)) == 0 == copy_bytes(model, EditConfig(residual_dtype="float32"))
+    bf = EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"})
+    per_bf = batch_bytes_per_fact(model, bf)
+    assert facts_per_batch(model, replace(bf, memory_budget_gb=(copy + 2.5 * per_bf) / 2**30)) == 2
+    assert facts_per_batch(model, replace(bf, memory_budget_gb=(copy + 3.5 * per_bf) / 2**30)) == 3
     assert facts_per_batch(model, EditConfig(**{**CFG.to_dict(), "memory_budget_gb": 1e-9})) == 1  # at least one
     assert facts_per_batch(model, EditConfig(**{**CFG.to_dict(), "memory_budget_gb": None})) == CFG.batch_size
 
