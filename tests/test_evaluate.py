@@ -494,7 +494,9 @@ def test_cli_evaluate_edit_options_reach_the_edit(tmp_path, capsys, monkeypatch)
     assert main([*base, "--output-dir", str(tmp_path / "a"), "--chat-residuals", "--residual-dtype", "bfloat16"]) == 0
     assert seen[-1].chat_residuals is True and seen[-1].residual_dtype == "bfloat16"
     assert main([*base, "--output-dir", str(tmp_path / "b")]) == 0
-    assert seen[-1].chat_residuals is False and seen[-1].residual_dtype is None
+    assert seen[-1].chat_residuals is False and seen[-1].residual_dtype == "auto"  # EditConfig's default
+    assert main([*base, "--output-dir", str(tmp_path / "c"), "--residual-dtype", "model"]) == 0
+    assert seen[-1].residual_dtype is None  # "model": the model's own dtype
     capsys.readouterr()
     store = str(tmp_path / "a" / "store.safetensors")
     assert main([*base, "--store", store, "--chat-residuals"]) == 2
