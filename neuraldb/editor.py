@@ -287,7 +287,7 @@ def facts_per_batch(model: nn.Module, config: EditConfig, *, layer: int | None =
 
     Example::
 
-        facts_per_batch(model, EditConfig())                        # SmolLM2-135M, bfloat16 copy: 128 -> 55
+        facts_per_batch(model, EditConfig())                        # SmolLM2-135M, bfloat16 copy: 128 -> 56
         facts_per_batch(model, EditConfig(memory_budget_gb=None))   # 128
     """
     if config.memory_budget_gb is None:
