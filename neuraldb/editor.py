@@ -42,7 +42,7 @@ from .facts import Fact, FactError, check_conflicts, validate_facts
 from .identity import EditReport, UpsertPlan, plan_upsert
 from .keys import chat_context, compute_keys, context_templates
 from .reach import UnreachableFactError, find_unreached
-from .residuals import compute_residuals, fast_residual_dtype, optimisation_model, settle_residual_dtype
+from .residuals import compute_residuals, copy_dtype, optimisation_model, settle_residual_dtype
 from .settings import resolve_settings
 from .timing import phase
 from .store import NeuralDB, StoreError, layer_fingerprint, model_name
@@ -265,8 +265,7 @@ def batch_bytes_per_fact(model: nn.Module, config: EditConfig, *, layer: int | N
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     kv_dim = d_model // heads * kv_heads
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    name = fast_residual_dtype(model) if config.residual_dtype == "auto" else config.residual_dtype
-    dtype = getattr(torch, name) if name else next(model.parameters()).dtype
+    dtype = copy_dtype(model, config.residual_dtype) or next(model.parameters()).dtype
     b = torch.finfo(dtype).bits // 8
     if templates is None:
         templates = 1 + len(config.context_prefixes) + int(config.chat_residuals)
@@ -308,9 +307,8 @@ def copy_bytes(model: nn.Module, config: EditConfig) -> int:
 
         copy_bytes(model, EditConfig(residual_dtype="bfloat16"))   # SmolLM2-135M float32: 270 MB
     """
-    name = fast_residual_dtype(model) if config.residual_dtype == "auto" else config.residual_dtype
-    dtype = getattr(torch, name) if name else None
-    if dtype is None or dtype == next(model.parameters()).dtype:
+    dtype = copy_dtype(model, config.residual_dtype)
+    if dtype is None:
         return 0
     return sum(t.numel() for t in (*model.parameters(), *model.buffers())) * (torch.finfo(dtype).bits // 8)
 

@@ -45,7 +45,8 @@ from .model_cache import PerModel
 from .timing import phase
 from .residual_runner import _runner, _Runner, _Unedited, _unedited
 
-__all__ = ["compute_residuals", "ResidualInfo", "fast_residual_dtype", "optimisation_model", "settle_residual_dtype"]
+__all__ = ["compute_residuals", "ResidualInfo", "copy_dtype", "fast_residual_dtype", "optimisation_model",
+           "settle_residual_dtype"]
 
 log = logging.getLogger(__name__)
 _VERIFIED = PerModel(per_model=16)  # (layer names, prefix cache or not) whose shortcuts matched the full model
@@ -116,11 +117,21 @@ def optimisation_model(model: nn.Module, dtype: str | None) -> nn.Module:
     backward of CPU scaled-dot-product attention is ~10x slower than float32, which would eat the
     gain of the bfloat16 matmuls.
     """
-    if dtype == "auto":
-        dtype = fast_residual_dtype(model)
-    if dtype is None or getattr(torch, dtype) == next(model.parameters()).dtype:
-        return model
-    return _TWINS.get(model, dtype, lambda: _twin(model, getattr(torch, dtype)))
+    to = copy_dtype(model, dtype)
+    return model if to is None else _TWINS.get(model, to, lambda: _twin(model, to))
+
+
+def copy_dtype(model: nn.Module, dtype: str | None) -> torch.dtype | None:
+    """The dtype of the copy of ``model`` the optimisation runs on for ``EditConfig.residual_dtype``
+    ``dtype`` ("auto": :func:`fast_residual_dtype`), or None when it runs on the model itself.
+
+    Example::
+
+        copy_dtype(model, "auto")   # torch.bfloat16 for SmolLM2 float32 on a CPU with bfloat16 units
+    """
+    name = fast_residual_dtype(model) if dtype == "auto" else dtype
+    to = getattr(torch, name) if name else None
+    return None if to is None or to == next(model.parameters()).dtype else to
 
 
 def _twin(model: nn.Module, dtype: torch.dtype) -> nn.Module:
