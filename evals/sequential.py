@@ -114,7 +114,7 @@ def run_sequential(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = config or neuraldb.EditConfig()
+    config = config or resume_config(out)
     cases, skipped = _cases(tokenizer, config, plan, cases, data_dir)
     config = settle_residual_dtype(model, config, _saved_config(out))  # "auto": the run's own, else this machine's
     _check_identity(out, _identity(model, plan, config, confidence))
@@ -166,6 +166,22 @@ def _identity(model: Any, plan: SequentialPlan, config: Any, confidence: float) 
             "confidence": confidence}
 
 
+def resume_config(output_dir: str | os.PathLike, **given: Any) -> Any:
+    """The EditConfig to (re)run the sequential study in ``output_dir`` with: the ``given`` fields,
+    the rest from the run already there (so a folder started under older defaults continues as it
+    was made), else :class:`neuraldb.EditConfig`'s defaults.
+
+    >>> resume_config("reports/sequential", early_stop="loss").early_stop
+    'loss'
+
+    A ``given`` field that differs from the folder's run is refused by :func:`run_sequential`, naming it.
+    """
+    import neuraldb
+
+    saved = _saved_config(Path(output_dir))
+    return neuraldb.EditConfig.from_dict((saved or {}) | given) if saved else neuraldb.EditConfig(**given)
+
+
 def _saved_config(out: Path) -> dict[str, Any] | None:
     """The EditConfig (as a dict) of the run in ``out``, if one was started there."""
     path = out / "sequential_run.json"
@@ -187,12 +203,35 @@ def _check_identity(out: Path, identity: Mapping[str, Any]) -> None:
             from neuraldb.config import LEGACY
 
             saved["edit_config"] = LEGACY | saved["edit_config"]
-        differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+        differ = sorted(k for k in set(saved) | set(identity) if _setting(saved, k) != _setting(identity, k))
         if differ:
-            raise ValueError(f"{out} holds a sequential run with other {', '.join(differ)} ({path}); "
-                             "use another --output-dir or the same settings")
+            raise ValueError(f"{out} holds a sequential run with other {', '.join(differ)} ({path}): "
+                             f"{_differences(saved, identity)}; use another --output-dir or the same settings")
     else:
         write_text(path, json.dumps(identity, indent=2))
+
+
+def _setting(identity: Mapping[str, Any], key: str) -> Any:
+    """``identity[key]``; of ``edit_config``, the fields that change results (not ``GROUPING_ONLY``)."""
+    value = identity.get(key)
+    if key == "edit_config" and isinstance(value, dict):
+        from neuraldb.config import GROUPING_ONLY
+
+        return {k: v for k, v in value.items() if k not in GROUPING_ONLY}
+    return value
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``"edit_config.steps: the folder's run 25, this run 5"``, for each setting that differs."""
+    parts = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = _setting(saved, k), _setting(now, k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts += [f"{k}.{f}: the folder's run {a.get(f)!r}, this run {b.get(f)!r}"
+                      for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        elif a != b:
+            parts.append(f"{k}: the folder's run {a!r}, this run {b!r}")
+    return "; ".join(parts)
 
 
 def _batch_dir(out: Path, n: int) -> Path:
@@ -219,19 +258,17 @@ def _round(model: Any, tokenizer: Any, db: Any, cases: list[Any], r: int, plan: 
         return record, db
     if any(db is None or c.fact.id not in db for c in cases[:r * k]):
         raise ValueError(f"{out / _STORE} lacks facts of the rounds before round {r + 1}; use another --output-dir")
-    t0 = time.perf_counter()
-    db = neuraldb.edit(model, tokenizer, [c.fact for c in new], config=config, db=db, checkpoint=out / _STORE,
-                       progress=eval_options["progress"])
-    edit_s = time.perf_counter() - t0
-    refit = list(db.last_edit.refit) if db.last_edit is not None else []
+    edit = _round_edit(model, tokenizer, db, new, config, out, r + 1, eval_options["progress"])
+    db = edit.pop("db")
     so_far = cases[:(r + 1) * k]
+    eval_resumed = (_round_dir(out, r + 1) / "cases.jsonl").is_file()  # an evaluation interrupted before
     t0 = time.perf_counter()
     before = _round_dir(out, r)  # the unedited scores of the earlier facts do not depend on the store: reused
     report = neuraldb.evaluate(model, db, tokenizer=tokenizer, dataset=list(so_far), metrics=list(_KEYS),
                                output_dir=_round_dir(out, r + 1), pre_from=before if r and before.is_dir() else None,
                                **eval_options)
     record = {"round": r + 1, "facts_stored": len(db), "fact_ids": [c.fact.id for c in new],
-              "refit_earlier": refit, "edit_seconds": edit_s, "eval_seconds": time.perf_counter() - t0,
+              **edit, "eval_seconds": time.perf_counter() - t0, "eval_resumed": eval_resumed,
               "all": _means(report["metrics"]),
               "first_round": _subset(report, so_far[:k], eval_options["confidence"]),
               "newest": _subset(report, new, eval_options["confidence"])}
@@ -239,6 +276,31 @@ def _round(model: Any, tokenizer: Any, db: Any, cases: list[Any], r: int, plan: 
     log.info("round %d (%d facts): all %s; round 1 %s", r + 1, len(db), _brief(record["all"]),
              _brief(record["first_round"]))
     return record, db
+
+
+def _round_edit(model: Any, tokenizer: Any, db: Any, new: list[Any], config: Any, out: Path, number: int,
+                progress: bool) -> dict[str, Any]:
+    """Edit round ``number``'s facts into ``db`` (checkpointed): ``{"db", "refit_earlier", "edit_seconds",
+    "edit_resumed"}``. What the edit did is kept in ``rounds/round-NN-edit.json``, so a run stopped
+    after the edit (during the evaluation) still reports the edit's time and re-fits; an edit that
+    itself was interrupted reports the time of the part this process ran (``edit_resumed``)."""
+    import neuraldb
+
+    kept = _round_dir(out, number).with_name(f"round-{number:02d}-edit.json")
+    t0 = time.perf_counter()
+    db = neuraldb.edit(model, tokenizer, [c.fact for c in new], config=config, db=db, checkpoint=out / _STORE,
+                       progress=progress)
+    seconds = time.perf_counter() - t0
+    report = db.last_edit
+    done_before = report is not None and not report.added and len(report.unchanged) == len(new)
+    if done_before and kept.is_file():
+        return {"db": db, **json.loads(kept.read_text(encoding="utf-8"))}
+    record = {"refit_earlier": list(report.refit) if report is not None and not done_before else None,
+              "edit_seconds": None if done_before else seconds,
+              "edit_resumed": done_before or bool(report is not None and report.unchanged)}
+    if not done_before:
+        write_text(kept, json.dumps(record, indent=2))
+    return {"db": db, **record}
 
 
 def _all_at_once(model: Any, tokenizer: Any, cases: list[Any], config: Any, out: Path,
@@ -371,9 +433,13 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
 
 def _timing_text(result: Mapping[str, Any]) -> str:
-    rounds = sum(r["edit_seconds"] for r in result["rounds"])
+    timed = [r for r in result["rounds"] if r.get("edit_seconds") and not r.get("edit_resumed")]
+    rounds = sum(r["edit_seconds"] for r in timed)
+    others = [str(r["round"]) for r in result["rounds"] if r not in timed]
     batch = result["all_at_once"]["edit_seconds"]
-    return (f"Edit time: {rounds:.0f} s over the rounds, " +
+    return (f"Edit time: {rounds:.0f} s over the rounds" +
+            (f" (not counting round(s) {', '.join(others)}, edited partly or wholly by an interrupted process)"
+             if others else "") + ", " +
             (f"{batch:.0f} s all at once." if batch is not None else "all at once not recorded."))
 
 

@@ -359,7 +359,8 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
                    help="instead of the scaling study: sequential editing, e.g. 10x50 (10 rounds of 50 facts into "
                         "one store, every earlier fact re-evaluated after each round, vs all at once; "
                         "evals.sequential); uses --model, --output-dir, --data-dir, --layer, --batch-size, "
-                        "--device, --dtype, --residual-dtype, --early-stop")
+                        "--device, --dtype, --residual-dtype, --early-stop. The same command again resumes the "
+                        "run in --output-dir; the editing options it leaves unset take that run's values")
 
 
 def _edit_config(args: argparse.Namespace) -> Any:
@@ -430,10 +431,12 @@ def _run_sequential_cli(args: argparse.Namespace) -> int:
               if getattr(args, name) != defaults[name]]
     if unused:
         print(f"note: --sequential does not use {', '.join(unused)}", file=sys.stderr)
+    out = args.output_dir or "reports/sequential"
+    given = ({} if args.layer is None else {"layer": args.layer}) | residual_dtype_of(args) | early_stop_of(args)
+    config = sequential.resume_config(out, **given)  # what the flags leave unset: the folder's run, else defaults
     model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
     result = sequential.run_sequential(
-        model, tok, plan=args.sequential, output_dir=args.output_dir or "reports/sequential",
-        data_dir=args.data_dir, config=_edit_config(args),
+        model, tok, plan=args.sequential, output_dir=out, data_dir=args.data_dir, config=config,
         batch_size=args.batch_size,
     )
     print(sequential.render_markdown(result))

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from numbers import Real
 from typing import Any, Mapping
 
-__all__ = ["EditConfig", "FALLBACKS", "LEGACY", "RESIDUAL_DTYPES", "check_gamma"]
+__all__ = ["EditConfig", "FALLBACKS", "GROUPING_ONLY", "LEGACY", "RESIDUAL_DTYPES", "check_gamma"]
 
 # What EditConfig's None-able hyper-parameters mean when neither the user nor the model's
 # settings row (neuraldb/settings.json) sets them; the layer's fallback is the family's fraction.
@@ -27,6 +27,9 @@ FALLBACKS: dict[str, Any] = {"steps": 25, "lr": 0.5}
 # store (or checkpoint) whose config lacks one was edited under this value, not today's default.
 LEGACY: dict[str, Any] = {"early_stop": "loss", "residual_dtype": None}
 EARLY_STOP = ("nll", "loss")
+# Fields that only group facts into optimisation batches (results equal up to float rounding):
+# a store, checkpoint or sequential run made under other values continues under today's.
+GROUPING_ONLY = ("batch_size", "memory_budget_gb")
 RESIDUAL_DTYPES = ("auto", None, "float32", "bfloat16", "float16", "float64")
 
 

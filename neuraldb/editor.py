@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import resolve_arch
-from .config import LEGACY, EditConfig
+from .config import GROUPING_ONLY, LEGACY, EditConfig
 from .hook import detached
 from .facts import Fact, FactError, check_conflicts, validate_facts
 from .identity import EditReport, UpsertPlan, plan_upsert
@@ -382,13 +382,16 @@ def _resume(model: nn.Module, config: EditConfig, layer: int, db: NeuralDB | Non
     if db is None:
         return None, [], config
     db.check_compatible(model, layer=layer)
-    ignore = ("context_templates", "layer", "batch_size", "memory_budget_gb")
+    ignore = ("context_templates", "layer", *GROUPING_ONLY)
     defaults = EditConfig().to_dict() | LEGACY  # a field added since the store was written: what it was made with
     saved = {k: db.config.get(k, v) for k, v in defaults.items() if k not in ignore}
-    if db.config and saved != {k: v for k, v in config.to_dict().items() if k not in ignore}:
+    given = {k: v for k, v in config.to_dict().items() if k not in ignore}
+    if db.config and saved != given:
+        differ = "; ".join(f"{k}: stored {saved.get(k)!r}, given {given.get(k)!r}"
+                           for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k))
         raise StoreError(
-            "the store (or checkpoint) was built with a different EditConfig; resume with the same "
-            f"config or start a new store. Stored: {saved}"
+            f"the store (or checkpoint) was built with a different EditConfig ({differ}); resume with "
+            f"the same config or start a new store. Stored: {saved}"
         )
     return db, list(db.config.get("context_templates") or []), config
 

@@ -79,7 +79,7 @@ def test_residual_dtype_is_validated_and_part_of_the_resume_check(tmp_path, tiny
     model, tok = tiny_llama
     ckpt = tmp_path / "run.safetensors"
     neuraldb.edit(model, tok, FACTS[:1], config=replace(CFG, residual_dtype=None), checkpoint=ckpt, progress=False)
-    with pytest.raises(StoreError, match="different EditConfig"):
+    with pytest.raises(StoreError, match="different EditConfig \\(residual_dtype: stored None, given 'bfloat16'\\)"):
         neuraldb.edit(model, tok, FACTS, config=EditConfig(**{**CFG.to_dict(), "residual_dtype": "bfloat16"}),
                       checkpoint=ckpt, progress=False)
 

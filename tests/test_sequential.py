@@ -49,7 +49,7 @@ def test_three_rounds_of_two_resume_and_compare(tiny_llama, data_dir, tmp_path, 
     calls = _count_edits(monkeypatch, fail_at=3)  # round 3's edit is interrupted
     with pytest.raises(KeyboardInterrupt):
         run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
-    assert calls == [2, 2, 2] and sorted(p.name for p in (out / "rounds").glob("*.json")) == [
+    assert calls == [2, 2, 2] and sorted(p.name for p in (out / "rounds").glob("round-??.json")) == [
         "round-01.json", "round-02.json"]
 
     monkeypatch.undo()
@@ -88,6 +88,37 @@ def test_three_rounds_of_two_resume_and_compare(tiny_llama, data_dir, tmp_path, 
     assert again["all_at_once"]["edit_seconds"] == batch["edit_seconds"] > 0  # kept from the run that edited
 
 
+def test_a_run_stopped_during_a_rounds_evaluation_keeps_that_rounds_edit_time_and_refits(
+        tiny_llama, data_dir, tmp_path, monkeypatch):
+    import neuraldb
+
+    model, tok = tiny_llama
+    out = tmp_path / "seq"
+    plan = SequentialPlan(rounds=3, per_round=2)
+    real, evaluations = neuraldb.evaluate, []
+
+    def stopped(*args, **kwargs):  # round 3's evaluation is interrupted, after its edit was checkpointed
+        evaluations.append(1)
+        if len(evaluations) == 3:
+            raise KeyboardInterrupt("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neuraldb, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
+    kept = json.loads((out / "rounds" / "round-03-edit.json").read_text())
+    assert kept["edit_seconds"] > 0 and len(kept["refit_earlier"]) == 1 and kept["edit_resumed"] is False
+
+    monkeypatch.undo()
+    calls = _count_edits(monkeypatch)
+    result = run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
+    assert calls == [2, 6]  # round 3's edit call finds its facts stored (no work), then the all-at-once edit
+    third = result["rounds"][2]
+    assert third["edit_seconds"] == kept["edit_seconds"] and third["edit_resumed"] is False
+    assert third["refit_earlier"] == [result["rounds"][0]["fact_ids"][0]]  # as if never stopped
+    assert "not counting" not in (out / "sequential.md").read_text()
+
+
 def test_other_settings_in_the_same_folder_are_refused(tiny_llama, data_dir, tmp_path):
     import dataclasses
 
@@ -124,6 +155,43 @@ def test_a_folder_written_before_early_stop_existed_continues_under_the_papers_r
     assert len(again["rounds"]) == 1
 
 
+def test_a_folder_continues_with_its_own_settings_where_the_command_line_gives_none(
+        tiny_llama, data_dir, tmp_path, monkeypatch):
+    """A run started under older defaults (here memory_budget_gb 3.0, the default before the
+    bfloat16 copy was counted) resumes with the same command: unset flags take the folder's values."""
+    import dataclasses
+
+    import neuraldb
+    from evals import sequential, study
+
+    model, tok = tiny_llama
+    out = tmp_path / "seq"
+    made = dataclasses.replace(CFG, memory_budget_gb=3.0)
+    first = run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out,
+                           data_dir=data_dir, config=made, progress=False)
+    resumed = sequential.resume_config(out)
+    assert resumed.residual_dtype != "auto"  # the folder records what "auto" was on the machine that made it
+    assert resumed == dataclasses.replace(made, residual_dtype=resumed.residual_dtype)
+    assert sequential.resume_config(out, early_stop="loss") == dataclasses.replace(resumed, early_stop="loss")
+    assert sequential.resume_config(tmp_path / "empty", layer=3) == neuraldb.EditConfig(layer=3)  # no run: defaults
+
+    monkeypatch.setattr(neuraldb, "load_model", lambda *a, **k: (model, tok))
+    calls = _count_edits(monkeypatch)
+    base = ["--sequential", "1x2", "--output-dir", str(out), "--data-dir", str(data_dir)]
+    assert study.run_study_cli(_parser().parse_args(base)) == 0
+    assert calls == []  # read back, nothing edited again
+    assert json.loads((out / "sequential.json").read_text())["rounds"] == json.loads(json.dumps(first["rounds"]))
+
+    with pytest.raises(ValueError) as exc:  # a flag that contradicts the folder is named, with both values
+        study.run_study_cli(_parser().parse_args(base + ["--layer", "0"]))
+    assert "edit_config.layer: the folder's run 1, this run 0" in str(exc.value) and "--output-dir" in str(exc.value)
+    assert "memory_budget_gb" not in str(exc.value)
+    # the library, given today's defaults for the fields that only group facts, continues too
+    again = run_sequential(model, tok, plan=SequentialPlan(rounds=1, per_round=2), output_dir=out, data_dir=data_dir,
+                           config=dataclasses.replace(resumed, memory_budget_gb=2.0, batch_size=1), progress=False)
+    assert calls == [] and again["rounds"] == json.loads(json.dumps(first["rounds"]))
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="neuraldb study")
     add_study_arguments(p)
@@ -144,10 +212,11 @@ def test_cli_rejects_other_formats_naming_the_flag(bad, capsys):
     assert exc.value.code == 2 and "--sequential" in err and "ROUNDSxK" in err and "10x50" in err and bad in err
 
 
-def test_cli_dispatches_to_sequential(monkeypatch, capsys):
+def test_cli_dispatches_to_sequential(monkeypatch, capsys, tmp_path):
     import neuraldb
     from evals import sequential, study
 
+    monkeypatch.chdir(tmp_path)  # no reports/sequential run here: the defaults
     seen = {}
     monkeypatch.setattr(neuraldb, "load_model", lambda *a, **k: ("model", "tok"))
     monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("ran the scaling study"))
