@@ -179,7 +179,7 @@ def resume_config(output_dir: str | os.PathLike, **given: Any) -> Any:
     import neuraldb
 
     saved = _saved_config(Path(output_dir))
-    return neuraldb.EditConfig.from_dict((saved or {}) | given) if saved else neuraldb.EditConfig(**given)
+    return neuraldb.EditConfig.from_dict(saved | given) if saved else neuraldb.EditConfig(**given)
 
 
 def _saved_config(out: Path) -> dict[str, Any] | None:
@@ -199,14 +199,12 @@ def _check_identity(out: Path, identity: Mapping[str, Any]) -> None:
     identity = json.loads(json.dumps(identity))  # tuples as lists, as read back
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(saved.get("edit_config"), dict):  # written before a field existed: the value it ran with
-            from neuraldb.config import LEGACY
-
-            saved["edit_config"] = LEGACY | saved["edit_config"]
-        differ = sorted(k for k in set(saved) | set(identity) if _setting(saved, k) != _setting(identity, k))
+        if isinstance(saved.get("edit_config"), dict):
+            saved["edit_config"] = _saved_config(out)  # with the LEGACY fill
+        differ = _differences(saved, identity)
         if differ:
             raise ValueError(f"{out} holds a sequential run with other {', '.join(differ)} ({path}): "
-                             f"{_differences(saved, identity)}; use another --output-dir or the same settings")
+                             f"{'; '.join(differ.values())}; use another --output-dir or the same settings")
     else:
         write_text(path, json.dumps(identity, indent=2))
 
@@ -221,17 +219,20 @@ def _setting(identity: Mapping[str, Any], key: str) -> Any:
     return value
 
 
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    """``"edit_config.steps: the folder's run 25, this run 5"``, for each setting that differs."""
-    parts = []
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, str]:
+    """``{"edit_config": "edit_config.steps: the folder's run 25, this run 5", ...}``: for each
+    setting that differs (a nested one's fields joined), what differs."""
+    parts: dict[str, str] = {}
     for k in sorted(set(saved) | set(now)):
         a, b = _setting(saved, k), _setting(now, k)
+        if a == b:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            parts += [f"{k}.{f}: the folder's run {a.get(f)!r}, this run {b.get(f)!r}"
-                      for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
-        elif a != b:
-            parts.append(f"{k}: the folder's run {a!r}, this run {b!r}")
-    return "; ".join(parts)
+            parts[k] = "; ".join(f"{k}.{f}: the folder's run {a.get(f)!r}, this run {b.get(f)!r}"
+                                 for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f))
+        else:
+            parts[k] = f"{k}: the folder's run {a!r}, this run {b!r}"
+    return parts
 
 
 def _batch_dir(out: Path, n: int) -> Path:
@@ -258,8 +259,9 @@ def _round(model: Any, tokenizer: Any, db: Any, cases: list[Any], r: int, plan: 
         return record, db
     if any(db is None or c.fact.id not in db for c in cases[:r * k]):
         raise ValueError(f"{out / _STORE} lacks facts of the rounds before round {r + 1}; use another --output-dir")
-    edit = _round_edit(model, tokenizer, db, new, config, out, r + 1, eval_options["progress"])
-    db = edit.pop("db")
+    kept = _round_dir(out, r + 1).with_name(f"round-{r + 1:02d}-edit.json")
+    db, edit = _kept_edit(model, tokenizer, db, [c.fact for c in new], config, out / _STORE, kept,
+                          eval_options["progress"])
     so_far = cases[:(r + 1) * k]
     eval_resumed = (_round_dir(out, r + 1) / "cases.jsonl").is_file()  # an evaluation interrupted before
     t0 = time.perf_counter()
@@ -278,29 +280,26 @@ def _round(model: Any, tokenizer: Any, db: Any, cases: list[Any], r: int, plan: 
     return record, db
 
 
-def _round_edit(model: Any, tokenizer: Any, db: Any, new: list[Any], config: Any, out: Path, number: int,
-                progress: bool) -> dict[str, Any]:
-    """Edit round ``number``'s facts into ``db`` (checkpointed): ``{"db", "refit_earlier", "edit_seconds",
-    "edit_resumed"}``. What the edit did is kept in ``rounds/round-NN-edit.json``, so a run stopped
-    after the edit (during the evaluation) still reports the edit's time and re-fits; an edit that
-    itself was interrupted reports the time of the part this process ran (``edit_resumed``)."""
+def _kept_edit(model: Any, tokenizer: Any, db: Any, facts: list[Any], config: Any, checkpoint: Path, kept: Path,
+               progress: bool) -> tuple[Any, dict[str, Any]]:
+    """Edit ``facts`` into ``db`` (checkpointed at ``checkpoint``) and keep what the edit did in
+    ``kept``: ``{"edit_seconds", "edit_resumed", "refit_earlier"}``. When ``db`` (read back from the
+    checkpoint) holds them all already, nothing is edited and that record is read back, so a run
+    stopped after an edit still reports its time and re-fits (None where nothing was kept). An
+    edit that itself was interrupted reports the time of the part this process ran (``edit_resumed``)."""
     import neuraldb
 
-    kept = _round_dir(out, number).with_name(f"round-{number:02d}-edit.json")
+    if db is not None and all(f.id in db for f in facts):
+        return db, (json.loads(kept.read_text(encoding="utf-8")) if kept.is_file() else
+                    {"edit_seconds": None, "edit_resumed": True, "refit_earlier": None})
     t0 = time.perf_counter()
-    db = neuraldb.edit(model, tokenizer, [c.fact for c in new], config=config, db=db, checkpoint=out / _STORE,
-                       progress=progress)
-    seconds = time.perf_counter() - t0
+    db = neuraldb.edit(model, tokenizer, facts, config=config, db=db, checkpoint=checkpoint, progress=progress)
     report = db.last_edit
-    done_before = report is not None and not report.added and len(report.unchanged) == len(new)
-    if done_before and kept.is_file():
-        return {"db": db, **json.loads(kept.read_text(encoding="utf-8"))}
-    record = {"refit_earlier": list(report.refit) if report is not None and not done_before else None,
-              "edit_seconds": None if done_before else seconds,
-              "edit_resumed": done_before or bool(report is not None and report.unchanged)}
-    if not done_before:
-        write_text(kept, json.dumps(record, indent=2))
-    return {"db": db, **record}
+    record = {"edit_seconds": time.perf_counter() - t0,
+              "edit_resumed": bool(report is not None and report.unchanged),
+              "refit_earlier": list(report.refit) if report is not None else []}
+    write_text(kept, json.dumps(record, indent=2))
+    return db, record
 
 
 def _all_at_once(model: Any, tokenizer: Any, cases: list[Any], config: Any, out: Path,
@@ -310,14 +309,9 @@ def _all_at_once(model: Any, tokenizer: Any, cases: list[Any], config: Any, out:
 
     path = out / f"all_at_once_{len(cases)}_store.safetensors"  # more rounds later: a new baseline, never an added round
     db = neuraldb.NeuralDB.load(path, model=model) if path.is_file() else None
-    seconds = path.with_name(f"all_at_once_{len(cases)}_edit.json")  # the edit's time, kept for reruns
-    if db is None or any(c.fact.id not in db for c in cases):
-        t0 = time.perf_counter()
-        db = neuraldb.edit(model, tokenizer, [c.fact for c in cases], config=config, db=db, checkpoint=path,
-                           progress=eval_options["progress"])
-        write_text(seconds, json.dumps({"edit_seconds": time.perf_counter() - t0, "resumed": db.last_edit is not None
-                                        and bool(db.last_edit.unchanged)}))
-    edit_s = json.loads(seconds.read_text(encoding="utf-8"))["edit_seconds"] if seconds.is_file() else None
+    kept = path.with_name(f"all_at_once_{len(cases)}_edit.json")  # the edit's time, kept for reruns
+    db, edit = _kept_edit(model, tokenizer, db, [c.fact for c in cases], config, path, kept, eval_options["progress"])
+    edit_s = edit["edit_seconds"]
     if set(db.ids) != {c.fact.id for c in cases}:
         raise ValueError(f"{path} holds other facts than the {len(cases)} of this run; use another --output-dir")
     t0 = time.perf_counter()
@@ -433,9 +427,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 
 
 def _timing_text(result: Mapping[str, Any]) -> str:
-    timed = [r for r in result["rounds"] if r.get("edit_seconds") and not r.get("edit_resumed")]
-    rounds = sum(r["edit_seconds"] for r in timed)
-    others = [str(r["round"]) for r in result["rounds"] if r not in timed]
+    def timed(r: Mapping[str, Any]) -> bool:
+        return bool(r.get("edit_seconds")) and not r.get("edit_resumed")
+
+    rounds = sum(r["edit_seconds"] for r in result["rounds"] if timed(r))
+    others = [str(r["round"]) for r in result["rounds"] if not timed(r)]
     batch = result["all_at_once"]["edit_seconds"]
     return (f"Edit time: {rounds:.0f} s over the rounds" +
             (f" (not counting round(s) {', '.join(others)}, edited partly or wholly by an interrupted process)"

@@ -367,7 +367,12 @@ def _edit_config(args: argparse.Namespace) -> Any:
     """The EditConfig of ``--layer``, ``--residual-dtype`` and ``--early-stop`` (unset: EditConfig's)."""
     import neuraldb
 
-    return neuraldb.EditConfig(layer=args.layer, **residual_dtype_of(args), **early_stop_of(args))
+    return neuraldb.EditConfig(**_edit_options(args))
+
+
+def _edit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EditConfig fields ``--layer``, ``--residual-dtype`` and ``--early-stop`` give (unset: absent)."""
+    return ({} if args.layer is None else {"layer": args.layer}) | residual_dtype_of(args) | early_stop_of(args)
 
 
 def _cli_type(parse: Any) -> Any:
@@ -432,8 +437,7 @@ def _run_sequential_cli(args: argparse.Namespace) -> int:
     if unused:
         print(f"note: --sequential does not use {', '.join(unused)}", file=sys.stderr)
     out = args.output_dir or "reports/sequential"
-    given = ({} if args.layer is None else {"layer": args.layer}) | residual_dtype_of(args) | early_stop_of(args)
-    config = sequential.resume_config(out, **given)  # what the flags leave unset: the folder's run, else defaults
+    config = sequential.resume_config(out, **_edit_options(args))  # what the flags leave unset: the folder's run, else defaults
     model, tok = neuraldb.load_model(args.model, device=args.device, dtype=args.dtype)
     result = sequential.run_sequential(
         model, tok, plan=args.sequential, output_dir=out, data_dir=args.data_dir, config=config,

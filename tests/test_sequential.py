@@ -112,7 +112,7 @@ def test_a_run_stopped_during_a_rounds_evaluation_keeps_that_rounds_edit_time_an
     monkeypatch.undo()
     calls = _count_edits(monkeypatch)
     result = run_sequential(model, tok, plan=plan, output_dir=out, data_dir=data_dir, config=CFG, progress=False)
-    assert calls == [2, 6]  # round 3's edit call finds its facts stored (no work), then the all-at-once edit
+    assert calls == [6]  # round 3's facts are in the checkpoint: not edited again; then the all-at-once edit
     third = result["rounds"][2]
     assert third["edit_seconds"] == kept["edit_seconds"] and third["edit_resumed"] is False
     assert third["refit_earlier"] == [result["rounds"][0]["fact_ids"][0]]  # as if never stopped
